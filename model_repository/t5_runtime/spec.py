@@ -60,7 +60,19 @@ class ModelDims:
     pad_token_id: int
 
     @classmethod
-    def from_hf_config(cls, config) -> ModelDims:
+    def from_hf(cls, config, generation_config=None) -> ModelDims:
+        """From a transformers `T5Config` and, where it has them, its `GenerationConfig`.
+
+        transformers 5 keeps the decoder start token in the generation config; T5 starts with pad.
+        """
+
+        def token(name: str) -> int | None:
+            value = getattr(generation_config, name, None)
+            if value is None:
+                value = getattr(config, name, None)
+            return value[0] if isinstance(value, list) else value
+
+        start = token("decoder_start_token_id")
         return cls(
             d_model=config.d_model,
             d_kv=config.d_kv,
@@ -68,9 +80,9 @@ class ModelDims:
             num_encoder_layers=config.num_layers,
             num_decoder_layers=config.num_decoder_layers,
             vocab_size=config.vocab_size,
-            decoder_start_token_id=config.decoder_start_token_id,
-            eos_token_id=config.eos_token_id,
-            pad_token_id=config.pad_token_id,
+            decoder_start_token_id=config.pad_token_id if start is None else start,
+            eos_token_id=token("eos_token_id"),
+            pad_token_id=token("pad_token_id"),
         )
 
     def kv_shape(self, rows: int, length: int) -> tuple[int, ...]:

@@ -1,0 +1,204 @@
+"""Export a T5 checkpoint to ONNX: the encoder, and the two decoder graphs the merge step joins.
+
+The wrappers give the graphs the interface of `t5_runtime.spec`: K/V packed into one tensor per
+kind (few, large tensors cross BLS cheaply), cross-attention K/V computed once by the first-step
+graph and only read by the cache graph, logits for the new position only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache, T5ForConditionalGeneration
+
+from t5_triton.model_repository.t5_runtime import spec
+
+OPSET = 17
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, len] 1/0 mask -> [rows, 1, 1, len] additive bias (0 keeps, dtype-min drops).
+
+    A ready 4D mask makes transformers skip its own mask building, whose data-dependent shortcuts
+    (an all-ones mask returns None) would otherwise be frozen into a traced graph.
+    """
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def _pack(cache: DynamicCache) -> torch.Tensor:
+    """Cache layers -> [layers, 2, rows, heads, len, d_kv]."""
+    return torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])
+
+
+def _unpack(packed: torch.Tensor) -> DynamicCache:
+    return DynamicCache([(packed[i, 0], packed[i, 1]) for i in range(packed.shape[0])])
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: T5ForConditionalGeneration):
+        super().__init__()
+        self.encoder = model.get_encoder()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        dtype = self.encoder.embed_tokens.weight.dtype
+        out = self.encoder(input_ids=input_ids, attention_mask=additive_mask(attention_mask, dtype))
+        return out.last_hidden_state
+
+
+class _DecoderGraph(nn.Module):
+    def __init__(self, model: T5ForConditionalGeneration):
+        super().__init__()
+        self.decoder = model.get_decoder()
+        self.lm_head = model.lm_head
+        self.output_scale = model.config.d_model**-0.5 if model.config.scale_decoder_outputs else None
+        self.register_buffer("zero_bias", model.lm_head.weight.new_zeros(model.lm_head.weight.shape[0]))
+
+    def _run(self, decoder_input_ids, encoder_hidden_states, cross_mask, cache):
+        # Self-attention sees one new token over the whole past: no causal mask needed, and a
+        # broadcastable zero mask keeps transformers' mask builder (and its tracing shortcuts) out.
+        self_mask = cross_mask.new_zeros((1, 1, 1, 1))
+        out = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=self_mask,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=cross_mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state[:, -1, :]
+        if self.output_scale is not None:
+            hidden = hidden * self.output_scale
+        # A 2D linear WITH bias exports as Gemm(transB=1) on the weight as stored (without one, as
+        # MatMul on a folded transposed copy): a tied embedding then is stored once, not twice.
+        logits = nn.functional.linear(hidden, self.lm_head.weight, self.zero_bias)
+        return logits.float()
+
+
+class FirstStepDecoderGraph(_DecoderGraph):
+    """No past: reads the encoder states and computes the cross-attention K/V once."""
+
+    def forward(self, decoder_input_ids, encoder_hidden_states, encoder_attention_mask):
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        cross_mask = additive_mask(encoder_attention_mask, encoder_hidden_states.dtype)
+        logits = self._run(decoder_input_ids, encoder_hidden_states, cross_mask, cache)
+        return logits, _pack(cache.self_attention_cache), _pack(cache.cross_attention_cache)
+
+
+class CachedStepDecoderGraph(_DecoderGraph):
+    """With past: reads cached self- and cross-attention K/V, returns K/V of the new position only."""
+
+    def forward(self, decoder_input_ids, encoder_attention_mask, past_self_kv, cross_kv):
+        cache = EncoderDecoderCache(_unpack(past_self_kv), _unpack(cross_kv))
+        cross_mask = additive_mask(encoder_attention_mask, cross_kv.dtype)
+        # T5 only takes the cross-attention path when encoder states are given; with the cross cache
+        # filled it never reads them, so any tensor will do as the placeholder.
+        logits = self._run(decoder_input_ids, cross_mask, cross_mask, cache)
+        new_self_kv = _pack(cache.self_attention_cache)[:, :, :, :, -1:, :]
+        return logits, new_self_kv
+
+
+@dataclass(frozen=True)
+class ExportedGraphs:
+    encoder: Path
+    first_step_decoder: Path
+    cached_step_decoder: Path
+
+
+def sample_inputs(model: T5ForConditionalGeneration, rows: int = 2, src_len: int = 5, past_len: int = 3):
+    """Example tensors for tracing: sizes >= 2 and distinct so no dynamic axis gets frozen,
+    and a padded row so the masks are traced as real data."""
+    cfg = model.config
+    dims = spec.ModelDims.from_hf(cfg)
+    dtype = model.dtype
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, cfg.vocab_size, (rows, src_len), generator=gen)
+    mask = torch.ones(rows, src_len, dtype=torch.int64)
+    mask[-1, -2:] = 0
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "decoder_input_ids": torch.randint(3, cfg.vocab_size, (rows, 1), generator=gen),
+        "encoder_hidden_states": torch.randn(rows, src_len, cfg.d_model, generator=gen).to(dtype),
+        "past_self_kv": torch.randn(dims.kv_shape(rows, past_len), generator=gen).to(dtype),
+        "cross_kv": torch.randn(dims.kv_shape(rows, src_len), generator=gen).to(dtype),
+    }
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict):
+    # A new wrapper is in training mode, and the exporter restores that mode after tracing: which
+    # would switch the shared checkpoint modules to training (dropout on) for everything after.
+    module.eval()
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # tracer warnings about Python values are expected here
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            # TorchScript: ~2.5x faster than dynamo; the Gemm above avoids its duplicate LM head.
+            dynamo=False,
+        )
+
+
+def export_graphs(model: T5ForConditionalGeneration, directory: Path) -> ExportedGraphs:
+    """Trace the three graphs into `directory` (fp32 or the model's dtype)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    x = sample_inputs(model)
+    rows, src, past = "rows", "src_len", "past_len"
+    kv_axes = {2: rows, 4: past}
+    cross_axes = {2: rows, 4: src}
+    paths = ExportedGraphs(
+        directory / "encoder.onnx", directory / "decoder_first.onnx", directory / "decoder_cached.onnx"
+    )
+    _export(
+        EncoderGraph(model),
+        (x["input_ids"], x["attention_mask"]),
+        paths.encoder,
+        [spec.ENCODER_INPUT_IDS, spec.ENCODER_ATTENTION_MASK],
+        [spec.ENCODER_HIDDEN_STATES],
+        {
+            spec.ENCODER_INPUT_IDS: {0: rows, 1: src},
+            spec.ENCODER_ATTENTION_MASK: {0: rows, 1: src},
+            spec.ENCODER_HIDDEN_STATES: {0: rows, 1: src},
+        },
+    )
+    _export(
+        FirstStepDecoderGraph(model),
+        (x["decoder_input_ids"], x["encoder_hidden_states"], x["attention_mask"]),
+        paths.first_step_decoder,
+        [spec.DECODER_INPUT_IDS, spec.ENCODER_HIDDEN_STATES, spec.DECODER_ENCODER_MASK],
+        [spec.LOGITS, spec.NEW_SELF_KV, spec.NEW_CROSS_KV],
+        {
+            spec.DECODER_INPUT_IDS: {0: rows},
+            spec.ENCODER_HIDDEN_STATES: {0: rows, 1: src},
+            spec.DECODER_ENCODER_MASK: {0: rows, 1: src},
+            spec.LOGITS: {0: rows},
+            spec.NEW_SELF_KV: {2: rows},
+            spec.NEW_CROSS_KV: cross_axes,
+        },
+    )
+    _export(
+        CachedStepDecoderGraph(model),
+        (x["decoder_input_ids"], x["attention_mask"], x["past_self_kv"], x["cross_kv"]),
+        paths.cached_step_decoder,
+        [spec.DECODER_INPUT_IDS, spec.DECODER_ENCODER_MASK, spec.PAST_SELF_KV, spec.CROSS_KV],
+        [spec.LOGITS, spec.NEW_SELF_KV],
+        {
+            spec.DECODER_INPUT_IDS: {0: rows},
+            spec.DECODER_ENCODER_MASK: {0: rows, 1: src},
+            spec.PAST_SELF_KV: kv_axes,
+            spec.CROSS_KV: cross_axes,
+            spec.LOGITS: {0: rows},
+            spec.NEW_SELF_KV: {2: rows},
+        },
+    )
+    return paths

@@ -1,0 +1,110 @@
+"""Lay out the Triton model repository: one folder per model, configs, code, tokenizer, spec."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from importlib.resources import as_file, files
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from t5_triton.model_repository.t5_runtime import spec
+
+from . import configs
+
+ENCODER_MODEL = "t5_encoder"
+DECODER_MODEL = "t5_decoder"
+GENERATE_MODEL = "t5_generate"
+VERSION = "1"
+TOKENIZER_DIR = "tokenizer"
+
+_SOURCES = files("t5_triton.model_repository")
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How the models are served; every field is a `build` flag."""
+
+    target: str = "cpu"
+    generate_instances: int = 1
+    encoder_instances: int = 1
+    decoder_instances: int = 1
+    threads: int = 0  # ONNX Runtime intra-op threads per instance; 0 = one per core
+    queue_delay_us: int = 0
+
+
+def _copy_runtime(version_dir: Path) -> None:
+    with as_file(_SOURCES / "t5_runtime") as runtime:
+        shutil.copytree(runtime, version_dir / "t5_runtime", ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def _install_model_code(version_dir: Path, source_module: str, *helpers: str) -> None:
+    """`source_module` becomes model.py; `helpers` and `t5_runtime` go beside it (the stub imports
+    from the version folder)."""
+    version_dir.mkdir(parents=True, exist_ok=True)
+    for source_name, target_name in ((source_module, "model.py"), *((h, h) for h in helpers)):
+        with as_file(_SOURCES / source_name) as source:
+            shutil.copyfile(source, version_dir / target_name)
+    _copy_runtime(version_dir)
+
+
+def _write_onnx_model(repo: Path, name: str, onnx_file: Path, tensors, options: ServingOptions, instances: int):
+    version_dir = repo / name / VERSION
+    _install_model_code(version_dir, "onnx_model.py")
+    for part in onnx_file.parent.glob(onnx_file.name + "*"):  # the graph and any external-data file
+        shutil.move(part, version_dir / part.name.replace(onnx_file.stem, "model", 1))
+    inputs, outputs = tensors
+    text = configs.render_config(
+        "onnx_python", inputs, outputs, name=name, instances=instances, threads=options.threads
+    )
+    (repo / name / "config.pbtxt").write_text(text)
+
+
+def write_repository(
+    repo: Path,
+    encoder_onnx: Path,
+    decoder_onnx: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    serving: spec.ServingSpec,
+    options: ServingOptions,
+) -> None:
+    """Populate `repo` (an empty folder); the ONNX files are moved into it."""
+    dims, dtype = serving.dims, serving.float_dtype
+    _write_onnx_model(
+        repo,
+        ENCODER_MODEL,
+        encoder_onnx,
+        configs.encoder_tensors(dims, dtype),
+        options,
+        options.encoder_instances,
+    )
+    _write_onnx_model(
+        repo,
+        DECODER_MODEL,
+        decoder_onnx,
+        configs.decoder_tensors(dims, dtype),
+        options,
+        options.decoder_instances,
+    )
+
+    version_dir = repo / GENERATE_MODEL / VERSION
+    _install_model_code(version_dir, "generate_model.py", "bls.py")
+    tokenizer.save_pretrained(version_dir / TOKENIZER_DIR)
+    serving.save(version_dir)
+    inputs, outputs = configs.generate_tensors()
+    gpu = options.target == "gpu"
+    text = configs.render_config(
+        "t5_generate",
+        inputs,
+        outputs,
+        name=GENERATE_MODEL,
+        max_batch_size=serving.max_batch_size,
+        queue_delay_us=options.queue_delay_us,
+        instances=options.generate_instances,
+        instance_kind="KIND_GPU" if gpu else "KIND_CPU",
+        encoder_model=ENCODER_MODEL,
+        decoder_model=DECODER_MODEL,
+        force_cpu_only_inputs="no" if gpu else "yes",
+    )
+    (repo / GENERATE_MODEL / "config.pbtxt").write_text(text)

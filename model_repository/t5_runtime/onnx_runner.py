@@ -1,0 +1,42 @@
+"""ONNX Runtime sessions for the encoder and the merged decoder on CPU.
+
+Used in process by the builder's checks and inside the CPU target's `t5_encoder` / `t5_decoder`
+python-backend models, so both run the graphs with the same session settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+
+def create_session(path: Path | str, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session; `threads` 0 lets ONNX Runtime use one thread per core."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # warnings about unused If-branch outputs are noise
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_numpy(
+    session: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    names = list(outputs) if outputs else [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+class TorchSession:
+    """Calls a session with torch CPU tensors, as `T5DecoderState` expects of a decoder."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+
+    def __call__(self, inputs: dict[str, torch.Tensor], outputs: Sequence[str]) -> dict[str, torch.Tensor]:
+        feeds = {name: tensor.numpy() for name, tensor in inputs.items()}
+        return {name: torch.from_numpy(value) for name, value in run_numpy(self.session, feeds, outputs).items()}

@@ -1,0 +1,261 @@
+"""`t5-triton`: the project's one command. It parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from t5_triton.builder.errors import BuildError
+
+_console = Console(stderr=True)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _add_build(subparsers) -> None:
+    from t5_triton.builder.presets import PRESETS
+
+    p = subparsers.add_parser(
+        "build",
+        help="turn a T5 checkpoint into a verified Triton model repository",
+        description="Export a T5-family checkpoint to ONNX (encoder + one merged decoder), verify the graphs "
+        "against PyTorch and transformers.generate, and write a Triton model repository "
+        "(t5_encoder, t5_decoder, t5_generate, build_report.json).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a local checkpoint folder, a Hugging Face hub id (needs internet), or a built-in offline "
+        f"preset: {', '.join(PRESETS)}",
+    )
+    p.add_argument("--output", required=True, type=Path, help="folder to write the model repository to")
+    p.add_argument(
+        "--target",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: encoder and decoder run by ONNX Runtime in python-backend models (any Triton); "
+        "gpu: TensorRT encoder + ONNX Runtime CUDA decoder (NGC Triton container)",
+    )
+    p.add_argument("--precision", choices=("fp32",), default="fp32", help="numeric precision of the graphs")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    limits = p.add_argument_group("limits enforced per request by t5_generate")
+    limits.add_argument("--max-input-tokens", type=_positive, default=512, help="longest input, in tokens")
+    limits.add_argument("--max-new-tokens", type=_positive, default=512, help="most new tokens a request may ask")
+    limits.add_argument(
+        "--default-max-new-tokens", type=_positive, default=64, help="new tokens when a request does not say"
+    )
+    limits.add_argument("--max-num-beams", type=_positive, default=8, help="most beams a request may ask")
+    limits.add_argument(
+        "--max-batch-size", type=_positive, default=8, help="t5_generate's max_batch_size (dynamic batching)"
+    )
+    serving = p.add_argument_group("serving")
+    serving.add_argument("--instances", type=_positive, default=1, help="t5_generate instances")
+    serving.add_argument("--encoder-instances", type=_positive, default=1, help="t5_encoder instances")
+    serving.add_argument("--decoder-instances", type=_positive, default=1, help="t5_decoder instances")
+    serving.add_argument(
+        "--threads", type=_non_negative, default=0, help="ONNX Runtime threads per instance (0: one per core)"
+    )
+    p.set_defaults(run=_run_build)
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from t5_triton.builder.build import BuildOptions, build
+    from t5_triton.builder.repository import ServingOptions
+
+    if args.default_max_new_tokens > args.max_new_tokens:
+        raise BuildError("--default-max-new-tokens must not exceed --max-new-tokens")
+    options = BuildOptions(
+        model=args.model,
+        output=args.output,
+        target=args.target,
+        precision=args.precision,
+        force=args.force,
+        max_input_tokens=args.max_input_tokens,
+        max_new_tokens=args.max_new_tokens,
+        default_max_new_tokens=args.default_max_new_tokens,
+        max_num_beams=args.max_num_beams,
+        max_batch_size=args.max_batch_size,
+        serving=ServingOptions(
+            target=args.target,
+            generate_instances=args.instances,
+            encoder_instances=args.encoder_instances,
+            decoder_instances=args.decoder_instances,
+            threads=args.threads,
+        ),
+    )
+    build(options, _console)
+    return 0
+
+
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run tritonserver on a built model repository",
+        description="Start a real tritonserver (from PATH, else the one bundled in nvidia-pytriton), wait until it "
+        "is ready, and keep it up until Ctrl-C or SIGTERM, then shut it down cleanly.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model-repository", required=True, type=Path, help="a folder written by `t5-triton build`")
+    p.add_argument("--http-port", type=_positive, default=8000)
+    p.add_argument("--grpc-port", type=_positive, default=8001)
+    p.add_argument("--metrics-port", type=_positive, default=8002)
+    p.add_argument("--log-file", type=Path, default=Path("tritonserver.log"), help="where the server log goes")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from t5_triton.server import Ports, TritonServer
+
+    repository = args.model_repository
+    if not (repository / "t5_generate" / "config.pbtxt").is_file():
+        raise BuildError(f"{repository} is not a model repository built by `t5-triton build`")
+    server = TritonServer(repository, Ports(args.http_port, args.grpc_port, args.metrics_port), log_file=args.log_file)
+    # SIGTERM ends the wait like Ctrl-C does, so the server is always stopped on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    _console.print(f"starting tritonserver on {repository} (log: {args.log_file.resolve()})")
+    try:
+        server.start()
+        _console.print(
+            f"[bold green]ready[/]: HTTP {server.http_url}  gRPC {server.grpc_url}  "
+            f"metrics 127.0.0.1:{server.ports.metrics}/metrics  (Ctrl-C to stop)"
+        )
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+        _console.print(f"[red]tritonserver exited[/]; last log lines:\n{server.log_tail()}")
+        return 1
+    except KeyboardInterrupt:
+        _console.print("stopping tritonserver...")
+        return 0
+    finally:
+        code = server.stop()
+        if code is not None:
+            _console.print(f"tritonserver stopped (exit code {code})")
+
+
+def _add_generate(subparsers) -> None:
+    from t5_triton.model_repository.t5_runtime.request import PARAMETER_TYPES
+
+    p = subparsers.add_parser(
+        "generate",
+        help="send text to a running server and print what it generates",
+        description="Send one or more texts to t5_generate over HTTP or gRPC. Generation parameters take Hugging "
+        "Face's names and defaults; unset ones are left to the server.",
+    )
+    p.add_argument("texts", nargs="*", help="input texts (or use --file)")
+    p.add_argument("--file", type=Path, help="read inputs from this file, one per line")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    p.add_argument("--url", help="server address (default localhost:8000 for http, localhost:8001 for grpc)")
+    p.add_argument("--model", default="t5_generate", help="model name on the server")
+    p.add_argument("--batch-size", type=_positive, default=8, help="inputs sent per request")
+    p.add_argument("--json", action="store_true", help="print one JSON object per input, for scripts")
+    params = p.add_argument_group("generation parameters (as in transformers.generate)")
+    python_types = {"TYPE_INT32": int, "TYPE_INT64": int, "TYPE_FP32": float}
+    for name, triton_type in PARAMETER_TYPES.items():
+        flag = "--" + name.replace("_", "-")
+        if triton_type == "TYPE_BOOL":
+            params.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            params.add_argument(flag, type=python_types[triton_type], default=None)
+    p.set_defaults(run=_run_generate, parameter_names=tuple(PARAMETER_TYPES))
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from t5_triton.client.api import GenerateError, T5Client
+
+    texts = list(args.texts)
+    if args.file:
+        texts += [line for line in args.file.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise BuildError("give input texts as arguments or with --file")
+    params = {name: getattr(args, name) for name in args.parameter_names}
+    try:
+        with T5Client(args.url, args.protocol, args.model) as client:
+            for start in range(0, len(texts), args.batch_size):
+                chunk = texts[start : start + args.batch_size]
+                for text, result in zip(chunk, client.generate(chunk, **params), strict=True):
+                    if args.json:
+                        print(json.dumps({"input": text, **result.__dict__}), flush=True)
+                    else:
+                        _print_result(text, result)
+    except GenerateError as err:
+        _console.print(f"[bold red]server error[/] ({err.status}): {err}")
+        return 1
+    except (ConnectionError, OSError) as err:
+        _console.print(f"[bold red]cannot reach the server[/] at {args.url or args.protocol + ' default'}: {err}")
+        return 1
+    return 0
+
+
+def _print_result(text: str, result) -> None:
+    from rich.markup import escape
+
+    out = Console()
+    out.print(f"[bold]>[/] {escape(text)}")
+    for rank, (answer, score) in enumerate(zip(result.texts, result.scores, strict=True), 1):
+        prefix = f"{rank}. " if len(result.texts) > 1 else ""
+        out.print(f"  {prefix}{escape(answer)} [dim](score {score:.3f})[/]")
+
+
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="offline end-to-end demo: build random-tiny, serve it, send real requests, print the answers",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--output", type=Path, default=Path("build/demo-repo"), help="where to build the repository")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from t5_triton.demo import run_demo
+
+    run_demo(args.output, _console)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="t5-triton", description="Serve T5-family text generation on NVIDIA Triton Inference Server."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_build(subparsers)
+    _add_serve(subparsers)
+    _add_generate(subparsers)
+    _add_demo(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except BuildError as err:
+        _console.print(f"[bold red]error:[/] {err}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Start and stop a real `tritonserver` for a model repository.
+
+Uses `tritonserver` from PATH when there is one (the NGC container, with its own backends), else the
+binary bundled in the `nvidia-pytriton` wheel, which needs a backend folder of its own and a few
+environment settings to run python-backend models with this interpreter (see DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+# Big buffers stay mapped between BLS calls instead of being returned to the OS and page-faulted
+# in again on every call (measured: 32 MB round trip 34 ms -> 19 ms, DESIGN.md 3b).
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(free_port(), free_port(), free_port())
+
+
+def _bundled_root() -> Path:
+    try:
+        import pytriton
+    except ImportError as err:
+        raise ServerError("no tritonserver on PATH and the nvidia-pytriton wheel is not installed") from err
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def _prepare_backends(root: Path, into: Path) -> Path:
+    """A backend folder for the bundled server: real copies (the loader rejects symlinks) and the
+    python-backend stub built for the running Python."""
+    python_dir = into / "python"
+    python_dir.mkdir(parents=True)
+    shutil.copy2(root / "backends/python/libtriton_python.so", python_dir)
+    shutil.copy2(root / "backends/python/triton_python_backend_utils.py", python_dir)
+    stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = stub / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"the bundled Triton has no python-backend stub for Python {sys.version.split()[0]}")
+    shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+    (python_dir / "triton_python_backend_stub").chmod(0o755)
+    return into
+
+
+def _bundled_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    libs = [sysconfig.get_config_var("LIBDIR"), str(root.parent.parent / "nvidia_pytriton.libs")]
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+    # The stub takes sys.prefix from the first python on PATH: it must be this environment's.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+class TritonServer:
+    """One tritonserver process; a context manager that always stops it."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        ports: Ports | None = None,
+        log_file: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
+        self.model_repository = Path(model_repository).resolve()
+        self.ports = ports or Ports()
+        self.log_file = Path(log_file) if log_file else None
+        self.extra_args = extra_args
+        self.process: subprocess.Popen | None = None
+        self._workdir: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.ports.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        args = [
+            f"--model-repository={self.model_repository}",
+            f"--http-port={self.ports.http}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--metrics-port={self.ports.metrics}",
+            "--disable-auto-complete-config",
+            *self.extra_args,
+        ]
+        native = shutil.which("tritonserver")
+        if native:
+            return [native, *args], {**os.environ, **_MALLOC_ENV}
+        root = _bundled_root()
+        backends = _prepare_backends(root, Path(self._workdir.name) / "backends")
+        cpu_only = [
+            "--allow-gpu-metrics=false",
+            "--pinned-memory-pool-byte-size=0",
+            "--cuda-memory-pool-byte-size=0:0",
+        ]
+        command = [str(root / "bin/tritonserver"), f"--backend-directory={backends}", *cpu_only, *args]
+        return command, {**_bundled_env(root), **_MALLOC_ENV}
+
+    def start(self, timeout: float = 180.0) -> TritonServer:
+        self._workdir = tempfile.TemporaryDirectory(prefix="t5-triton-server-")
+        if self.log_file is None:
+            self.log_file = Path(self._workdir.name) / "tritonserver.log"
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        command, env = self._command()
+        with open(self.log_file, "ab") as log:
+            # Own session: a Ctrl-C in the terminal reaches us, and we stop the server cleanly.
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_file or not self.log_file.exists():
+            return ""
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM (Triton finishes in-flight requests and unloads models), then SIGKILL the group."""
+        process, self.process = self.process, None
+        code = None
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            try:
+                code = process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                code = None
+            # Stubs are the server's children: make sure none outlives it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            if code is None:
+                code = process.wait()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+        return code
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
