@@ -51,7 +51,7 @@ class GenerateResult:
     """One input's answer: one entry per returned sequence, best first."""
 
     texts: list[str]
-    output_ids: list[list[int]]  # as transformers.generate returns them: decoder start token first, no padding
+    output_ids: list[list[int]]  # transformers.generate's sequences, decoder start first, cut after EOS
     scores: list[float]
 
 
@@ -84,7 +84,7 @@ def _outputs(module) -> list:
     return [module.InferRequestedOutput(n) for n in (TEXT_OUTPUT, OUTPUT_IDS, SEQUENCE_SCORES)]
 
 
-def _results(response, pad_token_id: int) -> list[GenerateResult]:
+def _results(response, eos_token_id: int, pad_token_id: int) -> list[GenerateResult]:
     texts = response.as_numpy(TEXT_OUTPUT)
     ids = response.as_numpy(OUTPUT_IDS)
     scores = response.as_numpy(SEQUENCE_SCORES)
@@ -93,15 +93,22 @@ def _results(response, pad_token_id: int) -> list[GenerateResult]:
         results.append(
             GenerateResult(
                 texts=[t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in row_texts],
-                output_ids=[_strip_padding(seq.tolist(), pad_token_id) for seq in row_ids],
+                output_ids=[trim_sequence(seq.tolist(), eos_token_id, pad_token_id) for seq in row_ids],
                 scores=[float(s) for s in row_scores],
             )
         )
     return results
 
 
-def _strip_padding(ids: list[int], pad: int) -> list[int]:
-    """Drop the right padding (the first token is the decoder start, which is pad in T5)."""
+def trim_sequence(ids: list[int], eos: int = 1, pad: int = 0) -> list[int]:
+    """A generated sequence without its padding: up to its first EOS, else without trailing pad.
+
+    The first token is the decoder start (pad in T5). transformers pads T5 beam-search outputs with
+    EOS rather than pad (pad id 0 reads as unset there), so the first EOS is where a sequence ends.
+    """
+    for position in range(1, len(ids)):
+        if ids[position] == eos:
+            return ids[: position + 1]
     end = len(ids)
     while end > 1 and ids[end - 1] == pad:
         end -= 1
@@ -115,11 +122,19 @@ def _error(err: InferenceServerException) -> GenerateError:
 class _Client:
     _asyncio = False
 
-    def __init__(self, url: str | None = None, protocol: str = "http", model: str = MODEL_NAME, pad_token_id: int = 0):
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "http",
+        model: str = MODEL_NAME,
+        eos_token_id: int = 1,
+        pad_token_id: int = 0,
+    ):
         if protocol not in _PROTOCOLS:
             raise ValueError(f"protocol must be http or grpc, got {protocol!r}")
         self.module = _PROTOCOLS[protocol][0]  # InferInput & co. are shared by the sync and asyncio clients
         self.model = model
+        self.eos_token_id = eos_token_id  # T5-family ids; pass others for a checkpoint that differs
         self.pad_token_id = pad_token_id
         self.url = url or DEFAULT_URLS[protocol]
         self.client = _PROTOCOLS[protocol][int(self._asyncio)].InferenceServerClient(self.url)
@@ -138,7 +153,7 @@ class T5Client(_Client):
             )
         except InferenceServerException as err:
             raise _error(err) from err
-        return _results(response, self.pad_token_id)
+        return _results(response, self.eos_token_id, self.pad_token_id)
 
     def is_ready(self) -> bool:
         try:
@@ -171,7 +186,7 @@ class AsyncT5Client(_Client):
             )
         except InferenceServerException as err:
             raise _error(err) from err
-        return _results(response, self.pad_token_id)
+        return _results(response, self.eos_token_id, self.pad_token_id)
 
     async def close(self) -> None:
         await self.client.close()

@@ -71,6 +71,12 @@ def _add_build(subparsers) -> None:
     serving.add_argument(
         "--threads", type=_non_negative, default=0, help="ONNX Runtime threads per instance (0: one per core)"
     )
+    serving.add_argument(
+        "--queue-delay-us",
+        type=_non_negative,
+        default=0,
+        help="how long t5_generate's dynamic batcher waits for more requests to batch together",
+    )
     p.set_defaults(run=_run_build)
 
 
@@ -97,6 +103,7 @@ def _run_build(args: argparse.Namespace) -> int:
             encoder_instances=args.encoder_instances,
             decoder_instances=args.decoder_instances,
             threads=args.threads,
+            queue_delay_us=args.queue_delay_us,
         ),
     )
     build(options, _console)

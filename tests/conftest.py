@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from t5_triton.builder.build import BuildOptions, build
 from t5_triton.builder.checkpoint import load_checkpoint
 from t5_triton.builder.export import export_graphs
 from t5_triton.builder.merge import merge_decoders
+from t5_triton.builder.repository import ServingOptions
+from t5_triton.server import Ports, TritonServer
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +32,19 @@ def tiny_graphs(tiny, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory) -> Path:
-    """A model repository built from random-tiny by the real build."""
+    """A model repository built from random-tiny by the real build.
+
+    The batcher waits 20 ms so that requests sent together share one `execute` (tests rely on it).
+    """
     output = tmp_path_factory.mktemp("repos") / "tiny"
-    build(BuildOptions(model="random-tiny", output=output), Console(quiet=True))
+    serving = ServingOptions(queue_delay_us=20_000)
+    build(BuildOptions(model="random-tiny", output=output, serving=serving), Console(quiet=True))
     return output
+
+
+@pytest.fixture(scope="session")
+def server(tiny_repo, tmp_path_factory) -> Iterator[TritonServer]:
+    """A real tritonserver on free ports serving `tiny_repo`."""
+    log_file = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    with TritonServer(tiny_repo, Ports.free(), log_file=log_file) as running:
+        yield running
