@@ -49,6 +49,9 @@ class TritonPythonModel:
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         device = _device(args)
+        # The loop's own tensor ops are small; extra threads would only contend with the encoder and
+        # decoder processes, which run between them.
+        torch.set_num_threads(1)
         self.generator = T5Generator(
             BlsModel(params["encoder_model"], device),
             BlsModel(params["decoder_model"], device),

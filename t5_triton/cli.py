@@ -10,21 +10,21 @@ from rich.console import Console
 
 from t5_triton.builder.errors import BuildError
 
-_console = Console(stderr=True)
+_console = Console(stderr=True, soft_wrap=True)  # error messages stay whole lines
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive = _int_at_least(1)
+_non_negative = _int_at_least(0)
 
 
 def _add_build(subparsers) -> None:
@@ -241,6 +241,53 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(subparsers) -> None:
+    from t5_triton.bench import CELLS
+
+    p = subparsers.add_parser(
+        "bench",
+        help="time the served path next to in-process transformers.generate",
+        description="Build (or reuse) a repository, start the server, and time generate calls of every engine, "
+        "each in its own process, alternating engines pass by pass; print a table of medians and ratios.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="random-t5-small", help="preset, local checkpoint folder or hub id")
+    p.add_argument("--repository", type=Path, help="a repository built from --model (default: build one)")
+    p.add_argument("--input-tokens", type=_positive, default=32)
+    p.add_argument("--new-tokens", type=_positive, default=64, help="forced: min = max new tokens")
+    p.add_argument("--passes", type=_positive, default=3, help="processes per engine")
+    p.add_argument("--runs", type=_positive, default=5, help="timed calls per pass, after one warm-up")
+    p.add_argument("--threads", type=_positive, default=2, help="torch threads of the transformers engine")
+    p.add_argument("--cells", nargs="+", default=[c.name for c in CELLS], choices=[c.name for c in CELLS])
+    p.add_argument("--json", type=Path, help="also write the medians and every sample here")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from t5_triton.bench import BenchConfig, run_bench
+    from t5_triton.builder.build import BuildOptions, build
+    from t5_triton.builder.presets import is_preset, make_preset
+
+    work = Path("build") / f"bench-{Path(args.model).name}"
+    checkpoint = args.model
+    if is_preset(args.model):
+        checkpoint = str(make_preset(args.model, work / "checkpoint"))
+    repository = args.repository or work / "repo"
+    if not (repository / "build_report.json").is_file():
+        build(BuildOptions(model=checkpoint, output=repository, force=True), _console)
+    config = BenchConfig(
+        checkpoint=checkpoint,
+        repository=str(repository),
+        input_tokens=args.input_tokens,
+        new_tokens=args.new_tokens,
+        runs=args.runs,
+        threads=args.threads,
+        cells=tuple(args.cells),
+    )
+    run_bench(config, args.passes, _console, args.json)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="t5-triton", description="Serve T5-family text generation on NVIDIA Triton Inference Server."
@@ -250,6 +297,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     _add_generate(subparsers)
     _add_demo(subparsers)
+    _add_bench(subparsers)
     return parser
 
 

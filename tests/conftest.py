@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 from t5_triton.builder.build import BuildOptions, build
@@ -14,6 +15,10 @@ from t5_triton.builder.export import export_graphs
 from t5_triton.builder.merge import merge_decoders
 from t5_triton.builder.repository import ServingOptions
 from t5_triton.server import Ports, TritonServer
+
+# The references run tiny models next to a server's processes on 2 cores: one thread avoids the
+# OpenMP spin contention that made a 0.05 s generate take 10 s.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -131,40 +131,36 @@ def _int(value: int) -> np.ndarray:
     return np.array([[value]], dtype=np.int32)
 
 
-GOOD = [
-    _tensor("text_input", _text(b"translate English to German: good."), "BYTES"),
-    _tensor("max_new_tokens", _int(8), "INT32"),
-]
-# Requests the model itself must refuse, each with its own message.
+def _request(text: bytes = b"translate English to German: good.", **overrides) -> list:
+    """Every request of the shared batch has the same inputs (Triton batches only those); values vary."""
+    values = {"max_new_tokens": 8, "num_beams": 2, "num_return_sequences": 1, "top_p": 1.0, **overrides}
+    inputs = [_tensor("text_input", _text(text), "BYTES")]
+    for name, value in values.items():
+        dtype, wire = (np.float32, "FP32") if name == "top_p" else (np.int32, "INT32")
+        inputs.append(_tensor(name, np.array([[value]], dtype), wire))
+    return inputs
+
+
+GOOD = _request()
+# Requests the model itself must refuse, each with its own message, batched with good ones.
 BAD_REQUESTS = {
-    "missing input": ([_tensor("max_new_tokens", _int(8), "INT32")], "exactly one of text_input"),
-    "empty text": ([_tensor("text_input", _text(b"  "), "BYTES")], "text_input is empty"),
-    "non-UTF-8": ([_tensor("text_input", _text(b"\xff\xfeoops"), "BYTES")], "not valid UTF-8"),
-    "too many tokens": ([_tensor("text_input", _text(b"word " * 600), "BYTES")], "(max_input_tokens)"),
-    "num_beams 0": (
-        [_tensor("text_input", _text(b"hi"), "BYTES"), _tensor("num_beams", _int(0), "INT32")],
-        "num_beams must be between 1 and 8, got 0",
-    ),
-    "num_beams above limit": (
-        [_tensor("text_input", _text(b"hi"), "BYTES"), _tensor("num_beams", _int(9), "INT32")],
-        "num_beams must be between 1 and 8, got 9",
-    ),
+    "empty text": (_request(b"  "), "text_input is empty"),
+    "non-UTF-8": (_request(b"\xff\xfeoops"), "not valid UTF-8"),
+    "too many tokens": (_request(b"word " * 600), "(max_input_tokens)"),
+    "num_beams 0": (_request(num_beams=0), "num_beams must be between 1 and 8, got 0"),
+    "num_beams above limit": (_request(num_beams=9), "num_beams must be between 1 and 8, got 9"),
     "num_return_sequences > num_beams": (
-        [
-            _tensor("text_input", _text(b"hi"), "BYTES"),
-            _tensor("num_beams", _int(2), "INT32"),
-            _tensor("num_return_sequences", _int(3), "INT32"),
-        ],
+        _request(num_return_sequences=3),
         "num_return_sequences must be between 1 and 2",
     ),
-    "top_p 0": (
-        [_tensor("text_input", _text(b"hi"), "BYTES"), _tensor("top_p", np.array([[0.0]], np.float32), "FP32")],
-        "top_p must be in (0, 1]",
-    ),
-    "token id out of range": (
-        [_tensor("input_ids", np.array([[5, 10**6]], np.int32), "INT32")],
-        "token ids in [0,",
-    ),
+    "top_p 0": (_request(top_p=0.0), "top_p must be in (0, 1]"),
+    "top_p above 1": (_request(top_p=1.5), "top_p must be in (0, 1]"),
+    "max_new_tokens 0": (_request(max_new_tokens=0), "max_new_tokens must be between 1 and 512"),
+}
+# Refused by the model too, but with other inputs than the batch above.
+LONE_BAD_REQUESTS = {
+    "missing input": ([_tensor("max_new_tokens", _int(8), "INT32")], "exactly one of text_input"),
+    "token id out of range": ([_tensor("input_ids", np.array([[5, 10**6]], np.int32), "INT32")], "token ids in [0,"),
 }
 # Requests Triton refuses before the model sees them (config types and shapes).
 MALFORMED_REQUESTS = {
@@ -203,10 +199,20 @@ def test_each_bad_request_gets_its_error_and_the_good_ones_their_answer(server):
     for good in (answers[0], answers[-1]):
         assert not isinstance(good, Exception), good
         assert good.as_numpy("output_ids").shape[:2] == (1, 1)
+        assert good.as_numpy("text_output").shape == (1, 1)
     for name, answer in zip(names, answers[1:-1], strict=True):
         assert isinstance(answer, InferenceServerException), name
         assert answer.status() == "StatusCode.INVALID_ARGUMENT", (name, answer.status())
         assert BAD_REQUESTS[name][1] in answer.message(), (name, answer.message())
+
+
+@pytest.mark.parametrize("name", LONE_BAD_REQUESTS)
+def test_lone_bad_requests_get_their_error(server, name):
+    inputs, fragment = LONE_BAD_REQUESTS[name]
+    [answer] = asyncio.run(_send_together(server, [inputs]))
+    assert isinstance(answer, InferenceServerException)
+    assert answer.status() == "StatusCode.INVALID_ARGUMENT"
+    assert fragment in answer.message()
 
 
 @pytest.mark.parametrize("name", MALFORMED_REQUESTS)

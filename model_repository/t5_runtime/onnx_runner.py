@@ -14,10 +14,15 @@ import onnxruntime as ort
 import torch
 
 
-def create_session(path: Path | str, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session; `threads` 0 lets ONNX Runtime use one thread per core."""
+def create_session(path: Path | str, threads: int = 0, spin: bool = True) -> ort.InferenceSession:
+    """A CPU session; `threads` 0 lets ONNX Runtime use one thread per core.
+
+    `spin=False` for sessions that share the cores with other processes taking turns (the server's
+    encoder, decoder and BLS stubs): threads spinning after a run would steal the CPU from the next.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings about unused If-branch outputs are noise

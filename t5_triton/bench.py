@@ -1,0 +1,179 @@
+"""`t5-triton bench`: the served path next to in-process `transformers.generate`, measured in one run.
+
+Every engine runs in its own process (a fresh interpreter per engine and pass), engines alternate
+pass by pass, each timing is one generate call after a warm-up, and the table shows medians. Inputs
+are fixed random token ids (`input_tokens` long, EOS last); outputs are forced to exactly
+`new_tokens` (min = max new tokens) so every engine does the same work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    batch: int
+    num_beams: int
+
+
+CELLS = (Cell("greedy b1", 1, 1), Cell("beam4 b1", 1, 4), Cell("greedy b8", 8, 1), Cell("beam4 b8", 8, 4))
+ENGINES = ("transformers", "served-grpc", "served-http")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    checkpoint: str  # folder with the HF checkpoint the repository was built from
+    repository: str
+    input_tokens: int = 32
+    new_tokens: int = 64
+    runs: int = 5
+    threads: int = 2
+    cells: tuple[str, ...] = tuple(c.name for c in CELLS)
+
+
+def make_inputs(batch: int, length: int, vocab: int, eos: int = 1) -> list[list[int]]:
+    """Deterministic token ids in [3, vocab) then EOS: a fixed, realistic-length input per row."""
+    import random
+
+    rng = random.Random(batch * 1000 + length)
+    return [[rng.randrange(3, vocab) for _ in range(length - 1)] + [eos] for _ in range(batch)]
+
+
+def _time_calls(call, runs: int) -> list[float]:
+    call()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _worker_transformers(config: BenchConfig) -> dict[str, list[float]]:
+    import torch
+    from transformers import DynamicCache, EncoderDecoderCache, GenerationConfig, T5ForConditionalGeneration
+
+    torch.set_num_threads(config.threads)
+    model = T5ForConditionalGeneration.from_pretrained(config.checkpoint).eval()
+    vocab = min(model.config.vocab_size, 32000)
+    results = {}
+    for cell in (c for c in CELLS if c.name in config.cells):
+        ids = torch.tensor(make_inputs(cell.batch, config.input_tokens, vocab))
+        generation = GenerationConfig(
+            decoder_start_token_id=0,
+            eos_token_id=1,
+            pad_token_id=0,
+            num_beams=cell.num_beams,
+            max_new_tokens=config.new_tokens,
+            min_new_tokens=config.new_tokens,
+        )
+
+        def call(ids=ids, generation=generation):
+            with torch.inference_mode():
+                cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+                model.generate(input_ids=ids, generation_config=generation, past_key_values=cache)
+
+        results[cell.name] = _time_calls(call, config.runs)
+    return results
+
+
+def _worker_served(config: BenchConfig, protocol: str, url: str, vocab: int) -> dict[str, list[float]]:
+    from t5_triton.client.api import T5Client
+
+    results = {}
+    with T5Client(url, protocol) as client:
+        for cell in (c for c in CELLS if c.name in config.cells):
+            ids = make_inputs(cell.batch, config.input_tokens, vocab)
+            params = {"num_beams": cell.num_beams, "max_new_tokens": config.new_tokens}
+            params["min_new_tokens"] = config.new_tokens
+
+            def call(ids=ids, params=params):
+                client.generate(input_ids=ids, **params)
+
+            results[cell.name] = _time_calls(call, config.runs)
+    return results
+
+
+def _run_worker(engine: str, config: BenchConfig, extra: dict) -> dict[str, list[float]]:
+    """One engine, one pass, in a fresh interpreter."""
+    payload = json.dumps({"engine": engine, "config": asdict(config), **extra})
+    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads)}
+    done = subprocess.run(
+        [sys.executable, "-m", "t5_triton.bench", payload], capture_output=True, text=True, env=env, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{engine} worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_bench(config: BenchConfig, passes: int, console: Console, output_json: Path | None = None) -> dict:
+    from t5_triton.model_repository.t5_runtime.spec import ServingSpec
+    from t5_triton.server import Ports, TritonServer
+
+    serving = ServingSpec.load(Path(config.repository) / "t5_generate" / "1")
+    vocab = min(serving.dims.vocab_size, 32000)
+    samples: dict[str, dict[str, list[float]]] = {e: {c: [] for c in config.cells} for e in ENGINES}
+    log_file = Path(tempfile.gettempdir()) / "t5-triton-bench-server.log"
+    with TritonServer(Path(config.repository), Ports.free(), log_file=log_file) as server:
+        urls = {"served-grpc": ("grpc", server.grpc_url), "served-http": ("http", server.http_url)}
+        for number in range(passes):
+            for engine in ENGINES:
+                console.print(f"pass {number + 1}/{passes}: {engine}")
+                extra = {"protocol": urls[engine][0], "url": urls[engine][1], "vocab": vocab} if engine in urls else {}
+                for cell, times in _run_worker(engine, config, extra).items():
+                    samples[engine][cell].extend(times)
+    report = {
+        "config": asdict(config),
+        "passes": passes,
+        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "median_s": {e: {c: statistics.median(t) for c, t in cells.items()} for e, cells in samples.items()},
+        "samples_s": samples,
+    }
+    _print_table(report, config, console)
+    if output_json:
+        output_json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _print_table(report: dict, config: BenchConfig, console: Console) -> None:
+    medians = report["median_s"]
+    table = Table(title=f"{config.input_tokens} input tokens, {config.new_tokens} forced new tokens; median seconds")
+    table.add_column("engine")
+    for cell in config.cells:
+        table.add_column(cell, justify="right")
+    for engine in ENGINES:
+        row = []
+        for cell in config.cells:
+            seconds, base = medians[engine][cell], medians["transformers"][cell]
+            batch = next(c.batch for c in CELLS if c.name == cell)
+            tokens = batch * config.new_tokens / seconds
+            row.append(f"{seconds:.3f} s ({base / seconds:.2f}x) {tokens:.0f} tok/s")
+        table.add_row(engine, *row)
+    console.print(table)
+
+
+def _worker_main(payload: str) -> None:
+    data = json.loads(payload)
+    config = BenchConfig(**{**data["config"], "cells": tuple(data["config"]["cells"])})
+    if data["engine"] == "transformers":
+        result = _worker_transformers(config)
+    else:
+        result = _worker_served(config, data["protocol"], data["url"], data["vocab"])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1])
