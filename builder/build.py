@@ -126,9 +126,7 @@ def _build_into(repo: Path, options: BuildOptions, progress: _Progress) -> dict:
     with progress.step("export encoder and decoder graphs to ONNX"):
         graphs = export_graphs(model, scratch / "onnx")
     with progress.step("merge the decoder graphs into one (If node, weights stored once)"):
-        merged = merge_decoders(
-            graphs.first_step_decoder, graphs.cached_step_decoder, scratch / "decoder.onnx"
-        )
+        merged = merge_decoders(graphs.first_step_decoder, graphs.cached_step_decoder, scratch / "decoder.onnx")
     with progress.step("verify against PyTorch and transformers.generate"):
         checks = verify_build(model, checkpoint.tokenizer, graphs.encoder, merged)
     _print_checks(progress.console, checks)

@@ -38,16 +38,13 @@ def _check_local_folder(folder: Path) -> None:
     model_type = json.loads(config.read_text()).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise BuildError(
-            f"{folder} holds a '{model_type}' model; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (T5 family)"
+            f"{folder} holds a '{model_type}' model; supported: {', '.join(SUPPORTED_MODEL_TYPES)} (T5 family)"
         )
 
 
 def _load(location: str | Path) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerBase]:
     # Eager attention: the default (sdpa) can be traced with its causal flag frozen at length 1.
-    model = T5ForConditionalGeneration.from_pretrained(
-        location, attn_implementation="eager", dtype=torch.float32
-    )
+    model = T5ForConditionalGeneration.from_pretrained(location, attn_implementation="eager", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(location)
     return model.eval(), tokenizer
 

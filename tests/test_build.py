@@ -20,9 +20,7 @@ MODELS = ("t5_encoder", "t5_decoder", "t5_generate")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "t5_triton.cli", *args], capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "t5_triton.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_repository_layout(tiny_repo):
