@@ -158,7 +158,7 @@ class T5Client(_Client):
     def is_ready(self) -> bool:
         try:
             return self.client.is_server_ready() and self.client.is_model_ready(self.model)
-        except InferenceServerException:
+        except (InferenceServerException, OSError):  # OSError: nothing listens there (yet)
             return False
 
     def close(self) -> None:

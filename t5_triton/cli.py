@@ -123,6 +123,12 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--grpc-port", type=_positive, default=8001)
     p.add_argument("--metrics-port", type=_positive, default=8002)
     p.add_argument("--log-file", type=Path, default=Path("tritonserver.log"), help="where the server log goes")
+    p.add_argument(
+        "--exit-timeout-secs",
+        type=_non_negative,
+        default=30,
+        help="on shutdown, how long Triton waits for open connections and in-flight requests",
+    )
     p.set_defaults(run=_run_serve)
 
 
@@ -135,7 +141,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     repository = args.model_repository
     if not (repository / "t5_generate" / "config.pbtxt").is_file():
         raise BuildError(f"{repository} is not a model repository built by `t5-triton build`")
-    server = TritonServer(repository, Ports(args.http_port, args.grpc_port, args.metrics_port), log_file=args.log_file)
+    server = TritonServer(
+        repository,
+        Ports(args.http_port, args.grpc_port, args.metrics_port),
+        log_file=args.log_file,
+        extra_args=(f"--exit-timeout-secs={args.exit_timeout_secs}",),
+    )
     # SIGTERM ends the wait like Ctrl-C does, so the server is always stopped on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     _console.print(f"starting tritonserver on {repository} (log: {args.log_file.resolve()})")

@@ -27,8 +27,40 @@ from pathlib import Path
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
+_SHM_PREFIX = "/dev/shm/triton_python_backend_shm_region_"
+
+
 class ServerError(RuntimeError):
     pass
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        tree.append(current)
+        frontier.extend(children.get(current, []))
+    return tree
+
+
+def _mapped_shm_regions(pids: list[int]) -> set[str]:
+    """The python backend's shared-memory files these processes have mapped."""
+    regions = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        regions.update(line.split()[-1] for line in maps.splitlines() if _SHM_PREFIX in line)
+    return regions
 
 
 def free_port() -> int:
@@ -171,10 +203,16 @@ class TritonServer:
         return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM (Triton finishes in-flight requests and unloads models), then SIGKILL the group."""
+        """SIGTERM (Triton finishes in-flight requests and unloads models), then SIGKILL the group.
+
+        When Triton's exit timeout expires (e.g. a client keeps an HTTP connection open), it exits
+        without unloading its models and leaves the python backend's shared memory in /dev/shm:
+        the regions its processes had mapped are removed here.
+        """
         process, self.process = self.process, None
         code = None
         if process is not None:
+            regions = _mapped_shm_regions(process_tree(process.pid))
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
             try:
@@ -186,6 +224,9 @@ class TritonServer:
                 os.killpg(process.pid, signal.SIGKILL)
             if code is None:
                 code = process.wait()
+            for region in regions:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(region)
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
