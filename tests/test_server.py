@@ -206,18 +206,10 @@ def test_each_bad_request_gets_its_error_and_the_good_ones_their_answer(server):
         assert BAD_REQUESTS[name][1] in answer.message(), (name, answer.message())
 
 
-@pytest.mark.parametrize("name", LONE_BAD_REQUESTS)
-def test_lone_bad_requests_get_their_error(server, name):
-    inputs, fragment = LONE_BAD_REQUESTS[name]
-    [answer] = asyncio.run(_send_together(server, [inputs]))
-    assert isinstance(answer, InferenceServerException)
-    assert answer.status() == "StatusCode.INVALID_ARGUMENT"
-    assert fragment in answer.message()
-
-
-@pytest.mark.parametrize("name", MALFORMED_REQUESTS)
-def test_malformed_requests_are_refused_by_triton(server, name):
-    inputs, fragment = MALFORMED_REQUESTS[name]
+@pytest.mark.parametrize("name", [*LONE_BAD_REQUESTS, *MALFORMED_REQUESTS])
+def test_lone_bad_and_malformed_requests_get_their_error(server, name):
+    """Refused by the model (other inputs than the batch above) or by Triton itself (types, shapes)."""
+    inputs, fragment = {**LONE_BAD_REQUESTS, **MALFORMED_REQUESTS}[name]
     [answer] = asyncio.run(_send_together(server, [inputs]))
     assert isinstance(answer, InferenceServerException)
     assert answer.status() == "StatusCode.INVALID_ARGUMENT"

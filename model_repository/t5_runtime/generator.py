@@ -44,4 +44,4 @@ class T5Generator:
             (spec.ENCODER_HIDDEN_STATES,),
         )
         state = T5DecoderState(self.decoder, self.dims, encoded[spec.ENCODER_HIDDEN_STATES], attention_mask)
-        return generate(state, input_ids.shape[0], params, self.special)
+        return generate(state, input_ids.shape[0], params, self.special, self.device)
