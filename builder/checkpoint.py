@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    T5ForConditionalGeneration,
+)
 
 from .errors import BuildError
 from .presets import PRESETS, is_preset, make_preset
@@ -44,7 +50,8 @@ def _check_local_folder(folder: Path) -> None:
 
 def _load(location: str | Path) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerBase]:
     # Eager attention: the default (sdpa) can be traced with its causal flag frozen at length 1.
-    model = T5ForConditionalGeneration.from_pretrained(location, attn_implementation="eager", dtype=torch.float32)
+    # The auto class picks MT5ForConditionalGeneration for mT5: same graph, its own class and config.
+    model = AutoModelForSeq2SeqLM.from_pretrained(location, attn_implementation="eager", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(location)
     return model.eval(), tokenizer
 

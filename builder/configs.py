@@ -79,7 +79,10 @@ def generate_tensors() -> tuple[list[TensorConfig], list[TensorConfig]]:
     inputs = [
         TensorConfig(request.TEXT_INPUT, "TYPE_STRING", (1,), optional=True),
         TensorConfig(request.INPUT_IDS, "TYPE_INT32", (-1,), optional=True, ragged=True),
-        *(TensorConfig(name, dtype, (1,), optional=True) for name, dtype in request.PARAMETER_TYPES.items()),
+        *(
+            TensorConfig(name, dtype, (1,), optional=True)
+            for name, dtype in {**request.PARAMETER_TYPES, **request.OPTION_TYPES}.items()
+        ),
     ]
     # Per input of the request: one entry per returned sequence.
     outputs = [

@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from t5_triton.model_repository.t5_runtime.request import (
     INPUT_IDS,
+    OPTION_TYPES,
     OUTPUT_IDS,
     PARAMETER_TYPES,
     SEQUENCE_SCORES,
@@ -31,6 +32,7 @@ from t5_triton.model_repository.t5_runtime.request import (
 )
 
 MODEL_NAME = "t5_generate"
+_OPTIONAL_INPUTS = {**PARAMETER_TYPES, **OPTION_TYPES}
 DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}
 _NUMPY_TYPES = {"TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP32": np.float32, "TYPE_BOOL": np.bool_}
 _WIRE_TYPES = {"TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_FP32": "FP32", "TYPE_BOOL": "BOOL"}
@@ -70,9 +72,9 @@ def _request_inputs(module, texts: Sequence[str] | None, input_ids, params: dict
     for name, value in params.items():
         if value is None:
             continue
-        if name not in PARAMETER_TYPES:
-            raise ValueError(f"unknown generation parameter {name!r}; known: {', '.join(PARAMETER_TYPES)}")
-        triton_type = PARAMETER_TYPES[name]
+        if name not in _OPTIONAL_INPUTS:
+            raise ValueError(f"unknown generation parameter {name!r}; known: {', '.join(_OPTIONAL_INPUTS)}")
+        triton_type = _OPTIONAL_INPUTS[name]
         array = np.full((rows, 1), value, dtype=_NUMPY_TYPES[triton_type])
         tensor = module.InferInput(name, list(array.shape), _WIRE_TYPES[triton_type])
         tensor.set_data_from_numpy(array)

@@ -170,7 +170,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _add_generate(subparsers) -> None:
-    from t5_triton.model_repository.t5_runtime.request import PARAMETER_TYPES
+    from t5_triton.model_repository.t5_runtime.request import OPTION_TYPES, PARAMETER_TYPES
 
     p = subparsers.add_parser(
         "generate",
@@ -193,7 +193,10 @@ def _add_generate(subparsers) -> None:
             params.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             params.add_argument(flag, type=python_types[triton_type], default=None)
-    p.set_defaults(run=_run_generate, parameter_names=tuple(PARAMETER_TYPES))
+    p.add_argument(
+        "--truncate", action=argparse.BooleanOptionalAction, default=None, help="cut inputs over the server's limit"
+    )
+    p.set_defaults(run=_run_generate, parameter_names=(*PARAMETER_TYPES, *OPTION_TYPES))
 
 
 def _run_generate(args: argparse.Namespace) -> int:

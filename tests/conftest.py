@@ -20,6 +20,13 @@ from t5_triton.server import Ports, TritonServer
 # OpenMP spin contention that made a 0.05 s generate take 10 s.
 torch.set_num_threads(1)
 
+LONG_INPUT = 1024  # tokens: the longest input the test repository accepts
+
+
+@pytest.fixture(scope="session")
+def long_input() -> int:
+    return LONG_INPUT
+
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
@@ -39,11 +46,14 @@ def tiny_graphs(tiny, tmp_path_factory) -> dict[str, Path]:
 def tiny_repo(tmp_path_factory) -> Path:
     """A model repository built from random-tiny by the real build.
 
-    The batcher waits 20 ms so that requests sent together share one `execute` (tests rely on it).
+    The batcher waits 20 ms so that requests sent together share one `execute` (tests rely on it), and
+    inputs may be 1024 tokens long.
     """
     output = tmp_path_factory.mktemp("repos") / "tiny"
-    serving = ServingOptions(queue_delay_us=20_000)
-    build(BuildOptions(model="random-tiny", output=output, serving=serving), Console(quiet=True))
+    options = BuildOptions(
+        model="random-tiny", output=output, max_input_tokens=LONG_INPUT, serving=ServingOptions(queue_delay_us=20_000)
+    )
+    build(options, Console(quiet=True))
     return output
 
 

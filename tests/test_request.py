@@ -61,6 +61,15 @@ def test_batched_request_with_parameters():
     assert (parsed.params.num_beams, parsed.params.length_penalty, parsed.params.early_stopping) == (4, 0.5, True)
 
 
+def test_truncate_keeps_the_first_tokens_and_eos():
+    parsed = parse(text_input=text("w " * 20), truncate=np.array([[True]]))
+    assert parsed.input_ids == [[3] * 11 + [1]]  # 12 = max_input_tokens, EOS kept last
+    parsed = parse(input_ids=np.arange(5, 25, dtype=np.int32)[None, :], truncate=np.array([[True]]))
+    assert parsed.input_ids == [list(range(5, 17))]  # no EOS to keep: the first 12
+    short = parse(text_input=text("a b"), truncate=np.array([[True]]))
+    assert short.input_ids == [[3, 3, 1]]
+
+
 def test_token_ids_request():
     parsed = parse(input_ids=np.array([[5, 6, 7, 1]], dtype=np.int32))
     assert parsed.input_ids == [[5, 6, 7, 1]]
@@ -73,7 +82,7 @@ def test_token_ids_request():
         ({"text_input": text("a"), "input_ids": np.array([[5]], np.int32)}, "exactly one of text_input"),
         ({"text_input": text("   ")}, "text_input is empty"),
         ({"text_input": text(b"\xff\xfe bad")}, "not valid UTF-8"),
-        ({"text_input": text("w " * 20)}, "at most 12 (max_input_tokens)"),
+        ({"text_input": text("w " * 20)}, "at most 12 (max_input_tokens); send truncate=true"),
         ({"input_ids": np.array([[5, 500]], np.int32)}, "token ids in [0, 100)"),
         ({"input_ids": np.array([[-1]], np.int32)}, "token ids in [0, 100)"),
         ({"input_ids": np.zeros((1, 0), np.int32)}, "tokens >= 1"),

@@ -79,6 +79,41 @@ def test_output_ids_equal_transformers(client, tiny, case):
     assert all(isinstance(t, str) for r in results for t in r.texts)
 
 
+def _long_text(tokenizer, tokens: int) -> str:
+    words = " ".join(SAMPLE_TEXTS).split()
+    text = ""
+    while len(tokenizer(text)["input_ids"]) < tokens:
+        text += " ".join(words) + " "
+    return text
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_a_1024_token_input_equals_transformers(client, tiny, num_beams, long_input):
+    ids = [*tiny.tokenizer(_long_text(tiny.tokenizer, long_input))["input_ids"][: long_input - 1], 1]
+    assert len(ids) == long_input
+    config = GenerationConfig(
+        decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, num_beams=num_beams, max_new_tokens=24
+    )
+    batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, long_input, dtype=torch.int64)}
+    with torch.inference_mode():
+        expected = trim_sequence(reference_generate(tiny.model, batch, config)[0].tolist())
+    [result] = client.generate(input_ids=ids, num_beams=num_beams, max_new_tokens=24)
+    assert result.output_ids[0] == expected
+    assert len(set(expected)) > 3
+
+
+def test_truncate_cuts_long_inputs_like_the_tokenizer(client, tiny, long_input):
+    text = _long_text(tiny.tokenizer, 1500)
+    with pytest.raises(GenerateError, match="send truncate=true"):
+        client.generate(text, max_new_tokens=8)
+    batch = tiny.tokenizer([text], truncation=True, max_length=long_input, return_tensors="pt")
+    config = GenerationConfig(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, max_new_tokens=16)
+    with torch.inference_mode():
+        expected = trim_sequence(reference_generate(tiny.model, batch, config)[0].tolist())
+    [result] = client.generate(text, truncate=True, max_new_tokens=16)
+    assert result.output_ids[0] == expected
+
+
 def test_texts_are_the_decoded_ids(client, tiny):
     [result] = client.generate(SAMPLE_TEXTS[0], max_new_tokens=12)
     assert result.texts[0] == tiny.tokenizer.decode(result.output_ids[0], skip_special_tokens=True)
@@ -146,7 +181,7 @@ GOOD = _request()
 BAD_REQUESTS = {
     "empty text": (_request(b"  "), "text_input is empty"),
     "non-UTF-8": (_request(b"\xff\xfeoops"), "not valid UTF-8"),
-    "too many tokens": (_request(b"word " * 600), "(max_input_tokens)"),
+    "too many tokens": (_request(b"word " * 1500), "at most 1024 (max_input_tokens)"),
     "num_beams 0": (_request(num_beams=0), "num_beams must be between 1 and 8, got 0"),
     "num_beams above limit": (_request(num_beams=9), "num_beams must be between 1 and 8, got 9"),
     "num_return_sequences > num_beams": (

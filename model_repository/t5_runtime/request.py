@@ -36,7 +36,10 @@ PARAMETER_TYPES = {
     "top_p": "TYPE_FP32",
     "seed": "TYPE_INT64",
 }
-INPUT_NAMES = (TEXT_INPUT, INPUT_IDS, *PARAMETER_TYPES)
+# Per-request options that are not generation parameters.
+TRUNCATE = "truncate"  # BOOL: cut inputs longer than the server's limit instead of refusing them
+OPTION_TYPES = {TRUNCATE: "TYPE_BOOL"}
+INPUT_NAMES = (TEXT_INPUT, INPUT_IDS, *PARAMETER_TYPES, *OPTION_TYPES)
 _PYTHON_TYPE = {"TYPE_INT32": int, "TYPE_INT64": int, "TYPE_FP32": float, "TYPE_BOOL": bool}
 
 
@@ -57,7 +60,7 @@ def _parameter(name: str, value: np.ndarray) -> object:
     if not np.array_equal(flat, np.full_like(flat, flat[0]), equal_nan=flat.dtype.kind == "f"):
         raise InvalidRequest(f"{name} must be the same for every input of one request, got {flat.tolist()}")
     item = flat[0].item()
-    expected = _PYTHON_TYPE[PARAMETER_TYPES[name]]
+    expected = _PYTHON_TYPE[{**PARAMETER_TYPES, **OPTION_TYPES}[name]]
     if expected is bool and not isinstance(item, bool):
         raise InvalidRequest(f"{name} must be a boolean, got {item!r}")
     if expected is int and not isinstance(item, int):
@@ -96,6 +99,13 @@ def _token_rows(value: np.ndarray, vocab_size: int) -> list[list[int]]:
     return rows.astype(np.int64).tolist()
 
 
+def _truncate(row: list[int], limit: int, eos: int) -> list[int]:
+    """As the Hugging Face tokenizer truncates T5 inputs: the first tokens, and the closing EOS kept."""
+    if len(row) <= limit:
+        return row
+    return [*row[: limit - 1], eos] if row[-1] == eos else row[:limit]
+
+
 def parse_request(
     inputs: dict[str, np.ndarray], encode: Callable[[list[str]], list[list[int]]], serving: ServingSpec
 ) -> GenerateRequest:
@@ -110,10 +120,13 @@ def parse_request(
         token_rows = encode(_texts(inputs[TEXT_INPUT]))
     else:
         token_rows = _token_rows(inputs[INPUT_IDS], serving.dims.vocab_size)
+    if TRUNCATE in inputs and _parameter(TRUNCATE, inputs[TRUNCATE]):
+        token_rows = [_truncate(row, serving.max_input_tokens, serving.dims.eos_token_id) for row in token_rows]
     longest = max(len(row) for row in token_rows)
     if longest > serving.max_input_tokens:
         raise InvalidRequest(
-            f"input has {longest} tokens; this server accepts at most {serving.max_input_tokens} (max_input_tokens)"
+            f"input has {longest} tokens; this server accepts at most {serving.max_input_tokens} (max_input_tokens); "
+            f"send {TRUNCATE}=true to cut it"
         )
     values = {name: _parameter(name, inputs[name]) for name in PARAMETER_TYPES if name in inputs}
     values.setdefault("max_new_tokens", serving.default_max_new_tokens)
