@@ -27,6 +27,12 @@ def _content_key(tensor: TensorProto) -> tuple:
     return tensor.data_type, tuple(tensor.dims), hashlib.sha256(np.ascontiguousarray(data).data).hexdigest()
 
 
+def _copy(tensor: TensorProto) -> TensorProto:
+    copy = TensorProto()
+    copy.CopyFrom(tensor)
+    return copy
+
+
 class _InitializerPool:
     """Initializers of several graphs, one per distinct (dtype, shape, bytes)."""
 
@@ -45,8 +51,7 @@ class _InitializerPool:
         while name in self.names:  # same name, other content (e.g. onnx::MatMul_12 in both graphs)
             name = f"{tensor.name}__{suffix}"
             suffix += 1
-        copy = TensorProto()
-        copy.CopyFrom(tensor)
+        copy = _copy(tensor)
         copy.name = name
         self.by_key[key] = copy
         self.names.add(name)
@@ -64,13 +69,37 @@ def _rename_values(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
         info.name = mapping.get(info.name, info.name)
 
 
-def _to_branch(
-    graph: onnx.GraphProto, prefix: str, pool: _InitializerPool, outer_inputs: Iterable[str]
-) -> onnx.GraphProto:
-    """Make `graph` a subgraph: no inputs (it reads outer inputs by name), initializers moved to
-    `pool`, every internal value prefixed so the two branches never share a name."""
-    keep = set(outer_inputs)
-    mapping = {t.name: pool.add(t) for t in graph.initializer}
+def _branches(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    return [a.g for node in graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+
+
+def hoist_initializers(model: onnx.ModelProto) -> None:
+    """Move the initializers of the top-level subgraphs (the `If` branches) into the outer graph,
+    one per distinct content, so weights that both branches use are stored once.
+
+    The outer graph's own initializers keep their names (subgraphs may read them by name); a branch's
+    are renamed where their name is taken, and the branch's nodes follow.
+    """
+    pool = _InitializerPool()
+    outer = [_copy(t) for t in model.graph.initializer]  # detached: the field is cleared below
+    for tensor in outer:
+        pool.by_key.setdefault(_content_key(tensor), tensor)
+        pool.names.add(tensor.name)
+    kept_outer = {id(t) for t in pool.by_key.values()}
+    extra = [t for t in outer if id(t) not in kept_outer]  # outer duplicates, if any, stay as they are
+    for branch in _branches(model.graph):
+        mapping = {t.name: pool.add(t) for t in branch.initializer}
+        del branch.initializer[:]
+        _rename_values(branch, mapping)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend([*pool.tensors(), *extra])
+
+
+def _to_branch(graph: onnx.GraphProto, prefix: str, outer_inputs: Iterable[str]) -> onnx.GraphProto:
+    """Make `graph` a subgraph: no inputs (it reads outer inputs by name), every internal value
+    prefixed so the two branches never share a name; its initializers stay for `hoist_initializers`."""
+    keep = set(outer_inputs) | {t.name for t in graph.initializer}
+    mapping = {}
     for node in graph.node:
         for name in [*node.input, *node.output]:
             if name and name not in keep and name not in mapping:
@@ -79,7 +108,6 @@ def _to_branch(
     branch = onnx.GraphProto()
     branch.CopyFrom(graph)
     del branch.input[:]
-    del branch.initializer[:]
     _rename_values(branch, mapping)
     branch.name = prefix.rstrip("/")
     return branch
@@ -106,7 +134,6 @@ def merge_decoders(first_step: Path, cached_step: Path, output: Path) -> Path:
     """Write the merged decoder to `output` and return it."""
     first = onnx.load(str(first_step))
     cached = onnx.load(str(cached_step))
-    pool = _InitializerPool()
 
     outer_inputs: dict[str, onnx.ValueInfoProto] = {}
     for graph in (first.graph, cached.graph):
@@ -116,8 +143,8 @@ def merge_decoders(first_step: Path, cached_step: Path, output: Path) -> Path:
     if missing:
         raise ValueError(f"decoder graphs lack inputs {sorted(missing)}")
 
-    else_branch = _to_branch(first.graph, "first/", pool, outer_inputs)
-    then_branch = _to_branch(cached.graph, "cached/", pool, outer_inputs)
+    else_branch = _to_branch(first.graph, "first/", outer_inputs)
+    then_branch = _to_branch(cached.graph, "cached/", outer_inputs)
     by_name = {o.name: o for o in first.graph.output}
     _empty_output(then_branch, by_name[spec.NEW_CROSS_KV], "cached/" + spec.NEW_CROSS_KV + "_none")
 
@@ -135,17 +162,21 @@ def merge_decoders(first_step: Path, cached_step: Path, output: Path) -> Path:
         "t5_merged_decoder",
         [condition, *(outer_inputs[name] for name in spec.DECODER_INPUTS[1:])],
         [by_name[spec.LOGITS], by_name[spec.NEW_SELF_KV], _any_shape(by_name[spec.NEW_CROSS_KV])],
-        initializer=pool.tensors(),
     )
     model = helper.make_model(graph, opset_imports=first.opset_import, producer_name="t5-triton")
     model.ir_version = first.ir_version
+    hoist_initializers(model)
+    save_checked(model, output)
+    return output
 
+
+def save_checked(model: onnx.ModelProto, output: Path) -> None:
+    """Check and save; past protobuf's 2 GiB limit the weights go to an external-data file."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    size = sum(t.ByteSize() for t in graph.initializer)
+    size = sum(t.ByteSize() for t in model.graph.initializer)
     if size < _MAX_SINGLE_FILE_BYTES:
         onnx.checker.check_model(model)
         onnx.save(model, str(output))
     else:
         onnx.save(model, str(output), save_as_external_data=True, location=output.name + ".data")
         onnx.checker.check_model(str(output))
-    return output

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,13 +59,19 @@ def test_serve_runs_until_sigterm_and_leaves_nothing_behind(tiny_repo, tmp_path)
         stderr=subprocess.STDOUT,
         text=True,
     )
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True)
+    reader.start()
+    output = []
     try:
-        client = T5Client(f"127.0.0.1:{ports.http}")
+        # Ready when the command says so, as a user sees it.
         deadline = time.monotonic() + 120
-        while not client.is_ready():
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "server not ready in time"
-            time.sleep(0.3)
+        while not any("ready" in line for line in output):
+            assert process.poll() is None, "".join(output)
+            assert time.monotonic() < deadline, "serve did not report ready in time"
+            with contextlib.suppress(queue.Empty):
+                output.append(lines.get(timeout=0.5))
+        client = T5Client(f"127.0.0.1:{ports.http}")
         # The client stays connected: Triton then gives up its graceful exit after the exit timeout and
         # leaves its shared memory behind, which `serve` must clean up.
         [result] = client.generate(SAMPLE_TEXTS[0], max_new_tokens=6)
@@ -72,7 +81,11 @@ def test_serve_runs_until_sigterm_and_leaves_nothing_behind(tiny_repo, tmp_path)
         assert len(_shm_regions() - before) >= 1
     finally:
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
+        process.wait(timeout=120)
+        reader.join(timeout=10)
+    while not lines.empty():
+        output.append(lines.get())
+    output = "".join(output)
     assert process.returncode == 0, output
     assert "ready" in output and f"127.0.0.1:{ports.grpc}" in output and str(log_file) in output
     assert "stopped" in output
