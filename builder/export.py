@@ -54,7 +54,10 @@ class _DecoderGraph(nn.Module):
         super().__init__()
         self.decoder = model.get_decoder()
         self.lm_head = model.lm_head
-        self.output_scale = model.config.d_model**-0.5 if model.config.scale_decoder_outputs else None
+        # T5 with a tied head scales the decoder output by d_model**-0.5; MT5Config has no such field
+        # because mT5 (untied) never does.
+        scaled = getattr(model.config, "scale_decoder_outputs", False)
+        self.output_scale = model.config.d_model**-0.5 if scaled else None
         self.register_buffer("zero_bias", model.lm_head.weight.new_zeros(model.lm_head.weight.shape[0]))
 
     def _run(self, decoder_input_ids, encoder_hidden_states, cross_mask, cache):

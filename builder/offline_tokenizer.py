@@ -86,6 +86,8 @@ def _pieces(count: int) -> list[str]:
         _ngrams(2),
         (SPIECE_UNDERLINE + w.capitalize() for w in _COMMON_WORDS),
         _ngrams(3),
+        # Only mT5-size vocabs (~250k) reach this far; smaller vocabs are unchanged by it.
+        _ngrams(4),
     )
     pieces = list(itertools.islice(_unique(candidates), count))
     if len(pieces) < count:

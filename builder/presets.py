@@ -21,8 +21,13 @@ reshaped (architecture unchanged) before saving:
   ``(t - 1) / (t - 1 + eos_half_life)`` of its attention at step t; it writes that share into channel
   ``_CLOCK``, which nothing else writes and only the EOS output row reads. So the EOS logit is its random
   part plus a term growing with length: most sequences end, at lengths that depend on the input.
-* Model rows past the tokenizer's vocab (t5-small has 28) are zeroed: their logit is exactly 0, never the
-  top one, so generated ids always decode.
+* Model rows past the tokenizer's vocab (t5-small has 28, mT5 12) are zeroed: their logit is exactly 0,
+  never the top one, so generated ids always decode.
+
+Untied presets (t5 v1.1 / flan-t5 / mT5 style) get their own LM head, drawn with std ``d_model**-0.5`` so
+that without the ``d_model**-0.5`` output rescale their logits have a tied head's scale, and with a zero pad
+row: a tied head's pad row is the start token's embedding, a free one would let pad win. They save
+``tie_word_embeddings: false`` like the real checkpoints, which is what tells ``T5Config`` not to rescale.
 """
 
 from __future__ import annotations
@@ -32,7 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers import (
+    GenerationConfig,
+    MT5Config,
+    MT5ForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from t5_triton.builder.offline_tokenizer import build_tokenizer
@@ -47,10 +59,17 @@ _FINAL_NORM_MEAN = -0.25
 _SOURCE = -2
 _CLOCK = -1
 
+# MT5 is T5's architecture under another model_type; its model class never rescales the decoder output.
+Seq2SeqLM = T5ForConditionalGeneration | MT5ForConditionalGeneration
+_ARCHITECTURES: dict[str, tuple[type[T5Config | MT5Config], type[Seq2SeqLM]]] = {
+    "t5": (T5Config, T5ForConditionalGeneration),
+    "mt5": (MT5Config, MT5ForConditionalGeneration),
+}
+
 
 @dataclass(frozen=True)
 class Preset:
-    """A T5 architecture, its tokenizer size, the seed, and the knobs that keep generation lively."""
+    """A T5-family architecture, its tokenizer size, the seed, and the knobs that keep generation lively."""
 
     vocab_size: int
     d_model: int
@@ -69,9 +88,11 @@ class Preset:
     position_bias_std: float = 4.0
     eos_half_life: float = 8.0
     eos_boost: float = 8.0
+    model_type: str = "t5"
 
-    def config(self) -> T5Config:
-        return T5Config(
+    def config(self) -> T5Config | MT5Config:
+        config_class, _ = _ARCHITECTURES[self.model_type]
+        return config_class(
             vocab_size=self.vocab_size,
             d_model=self.d_model,
             d_kv=self.d_kv,
@@ -125,6 +146,45 @@ PRESETS: dict[str, Preset] = {
         seed=2,
         eos_boost=18.0,
     ),
+    # t5 v1.1 / flan-t5 style: gated-gelu, untied head without the output rescale, heads narrower than the
+    # model (num_heads * d_kv != d_model), an encoder deeper than the decoder, model vocab past the tokenizer's.
+    "random-flan-t5-tiny": Preset(
+        vocab_size=1024,
+        d_model=64,
+        d_kv=8,
+        num_heads=6,
+        d_ff=128,
+        num_layers=3,
+        num_decoder_layers=2,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        tokenizer_vocab_size=1000,
+        num_extra_ids=8,
+        seed=0,
+    ),
+    # mT5 style at tiny width: model_type "mt5", mT5's vocab sizes (model 250112, tokenizer 250100), gated-gelu,
+    # untied head without rescale, heads wider than the model.
+    "random-mt5-tiny": Preset(
+        vocab_size=250112,
+        d_model=64,
+        d_kv=16,
+        num_heads=6,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        tokenizer_vocab_size=250100,
+        num_extra_ids=100,
+        seed=0,
+        # The EOS logit has to beat the best of 250k random ones, not of 1000.
+        eos_boost=10.0,
+        model_type="mt5",
+    ),
 }
 
 
@@ -142,7 +202,7 @@ def make_preset(name: str, directory: Path) -> Path:
     return directory
 
 
-def load_preset(name: str) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerFast]:
+def load_preset(name: str) -> tuple[Seq2SeqLM, PreTrainedTokenizerFast]:
     """Build preset ``name`` in memory: eval mode, eager attention."""
     if not is_preset(name):
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
@@ -151,11 +211,12 @@ def load_preset(name: str) -> tuple[T5ForConditionalGeneration, PreTrainedTokeni
     return _build_model(preset), tokenizer
 
 
-def _build_model(preset: Preset) -> T5ForConditionalGeneration:
+def _build_model(preset: Preset) -> Seq2SeqLM:
+    _, model_class = _ARCHITECTURES[preset.model_type]
     # fork_rng: the seed fixes the weights without disturbing the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.seed)
-        model = T5ForConditionalGeneration._from_config(preset.config(), attn_implementation="eager")
+        model = model_class._from_config(preset.config(), attn_implementation="eager")
         generator = torch.Generator().manual_seed(preset.seed)
         with torch.no_grad():
             if not preset.tie_word_embeddings:
@@ -165,13 +226,17 @@ def _build_model(preset: Preset) -> T5ForConditionalGeneration:
     return model.eval()
 
 
-def _untie_lm_head(model: T5ForConditionalGeneration, generator: torch.Generator) -> None:
+def _untie_lm_head(model: Seq2SeqLM, generator: torch.Generator) -> None:
+    """Give the LM head its own weights (see the module docstring)."""
     # transformers 5 ties lm_head to the embedding even for tie_word_embeddings=False configs.
     shape = model.shared.weight.shape
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(shape, generator=generator))
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(shape, generator=generator) * shape[1] ** -0.5)
+    model.lm_head.weight[PAD_ID] = 0.0
+    # The configs force the flag back to True; saved False, T5Config loads the folder without the rescale.
+    model.config.tie_word_embeddings = False
 
 
-def _enliven(model: T5ForConditionalGeneration, preset: Preset, generator: torch.Generator) -> None:
+def _enliven(model: Seq2SeqLM, preset: Preset, generator: torch.Generator) -> None:
     """Reshape the random init so generation is not degenerate (see the module docstring)."""
     final_norm = model.decoder.final_layer_norm.weight
     final_norm.copy_(torch.randn(final_norm.shape, generator=generator))
@@ -185,12 +250,12 @@ def _enliven(model: T5ForConditionalGeneration, preset: Preset, generator: torch
     _zero_unused_rows(model, preset.tokenizer_vocab_size)
 
 
-def _zero_unused_rows(model: T5ForConditionalGeneration, tokenizer_vocab_size: int) -> None:
+def _zero_unused_rows(model: Seq2SeqLM, tokenizer_vocab_size: int) -> None:
     model.shared.weight[tokenizer_vocab_size:] = 0.0
     model.lm_head.weight[tokenizer_vocab_size:] = 0.0
 
 
-def _install_eos_clock(model: T5ForConditionalGeneration, preset: Preset) -> None:
+def _install_eos_clock(model: Seq2SeqLM, preset: Preset) -> None:
     embedding = model.shared.weight
     embedding[:, _SOURCE] = 1.0
     embedding[PAD_ID, _SOURCE] = 0.0
@@ -212,7 +277,8 @@ def _install_eos_clock(model: T5ForConditionalGeneration, preset: Preset) -> Non
     # hides the source channel, which would shift every live token against pad and the unused rows.
     model.decoder.final_layer_norm.weight[_CLOCK] = preset.eos_boost
     model.decoder.final_layer_norm.weight[_SOURCE] = 0.0
-    output_scale = preset.d_model**-0.5 if model.config.scale_decoder_outputs else 1.0
+    # MT5Config has no scale_decoder_outputs: MT5 never rescales.
+    output_scale = preset.d_model**-0.5 if getattr(model.config, "scale_decoder_outputs", False) else 1.0
     model.lm_head.weight[:, _CLOCK] = 0.0
     model.lm_head.weight[EOS_ID, _CLOCK] = 1.0 / output_scale
 

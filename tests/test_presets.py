@@ -6,22 +6,31 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     DynamicCache,
     EncoderDecoderCache,
+    MT5ForConditionalGeneration,
     PreTrainedTokenizerFast,
     T5ForConditionalGeneration,
 )
 
 from t5_triton.builder.offline_tokenizer import build_tokenizer
-from t5_triton.builder.presets import EOS_ID, PAD_ID, PRESETS, is_preset, load_preset, make_preset
+from t5_triton.builder.presets import EOS_ID, PAD_ID, PRESETS, Seq2SeqLM, is_preset, load_preset, make_preset
 
-PRESET_NAMES = ["random-tiny", "random-t5-small"]
+PRESET_NAMES = ["random-tiny", "random-t5-small", "random-flan-t5-tiny", "random-mt5-tiny"]
+UNTIED_PRESET_NAMES = ["random-flan-t5-tiny", "random-mt5-tiny"]
+# (vocab_size, num_extra_ids) of the presets' tokenizers: t5-style tiny, t5 and mT5.
+TOKENIZER_SIZES = [(1000, 8), (32100, 100), (250100, 100)]
 
 TEXTS = [
     "Hello!",
@@ -45,11 +54,27 @@ ROUND_TRIP_TEXTS = [
 
 
 @functools.cache
-def _preset(name: str) -> tuple[T5ForConditionalGeneration, PreTrainedTokenizerFast]:
+def _preset(name: str) -> tuple[Seq2SeqLM, PreTrainedTokenizerFast]:
     return load_preset(name)
 
 
-def _generate(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerFast, num_beams: int) -> list[list[int]]:
+@functools.cache
+def _tokenizer(vocab_size: int, num_extra_ids: int) -> PreTrainedTokenizerFast:
+    return build_tokenizer(vocab_size, num_extra_ids)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Each preset saved once per module: the mT5 one is 135 MB."""
+
+    @functools.cache
+    def save(name: str) -> Path:
+        return make_preset(name, tmp_path_factory.mktemp(name))
+
+    return save
+
+
+def _generate(model: Seq2SeqLM, tokenizer: PreTrainedTokenizerFast, num_beams: int) -> list[list[int]]:
     """Generated ids per input, without the start token and cut after the first EOS."""
     batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -77,9 +102,9 @@ def _sha256(path: Path) -> str:
 # --- tokenizer -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("vocab_size", "num_extra_ids"), [(1000, 8), (32100, 100)])
+@pytest.mark.parametrize(("vocab_size", "num_extra_ids"), TOKENIZER_SIZES)
 def test_tokenizer_layout(vocab_size: int, num_extra_ids: int) -> None:
-    tokenizer = build_tokenizer(vocab_size, num_extra_ids)
+    tokenizer = _tokenizer(vocab_size, num_extra_ids)
     assert len(tokenizer) == vocab_size
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
     assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<pad>", "</s>", "<unk>"]
@@ -88,9 +113,9 @@ def test_tokenizer_layout(vocab_size: int, num_extra_ids: int) -> None:
     assert sentinel_ids == list(range(vocab_size - 1, vocab_size - num_extra_ids - 1, -1))
 
 
-@pytest.mark.parametrize("vocab_size", [1000, 32100])
-def test_tokenizer_round_trips_ascii_and_appends_eos(vocab_size: int) -> None:
-    tokenizer = build_tokenizer(vocab_size, 8)
+@pytest.mark.parametrize(("vocab_size", "num_extra_ids"), TOKENIZER_SIZES)
+def test_tokenizer_round_trips_ascii_and_appends_eos(vocab_size: int, num_extra_ids: int) -> None:
+    tokenizer = _tokenizer(vocab_size, num_extra_ids)
     for text in ROUND_TRIP_TEXTS:
         ids = tokenizer(text).input_ids
         assert ids[-1] == EOS_ID
@@ -103,6 +128,15 @@ def test_tokenizer_prefers_whole_words() -> None:
     tokenizer = build_tokenizer(1000, 8)
     pieces = ["▁the", "▁student", "s", "▁understand", "▁the", "▁question"]
     assert tokenizer.tokenize("the students understand the question") == pieces
+
+
+def test_bigger_tokenizers_extend_smaller_ones() -> None:
+    # Growing the candidate list for mT5 must not renumber the pieces of the smaller presets' vocabs.
+    sizes = sorted(TOKENIZER_SIZES)
+    for (small_size, small_extra), (big_size, big_extra) in itertools.pairwise(sizes):
+        shared = range(3, small_size - small_extra)
+        small, big = _tokenizer(small_size, small_extra), _tokenizer(big_size, big_extra)
+        assert small.convert_ids_to_tokens(shared) == big.convert_ids_to_tokens(shared)
 
 
 def test_tokenizer_is_deterministic() -> None:
@@ -161,6 +195,31 @@ def test_random_t5_small_has_t5_small_architecture() -> None:
     assert tokenizer.convert_ids_to_tokens(32099) == "<extra_id_0>"
 
 
+def test_random_flan_t5_tiny_has_flan_t5_features() -> None:
+    model, tokenizer = _preset("random-flan-t5-tiny")
+    config = model.config
+    assert isinstance(model, T5ForConditionalGeneration)
+    assert config.model_type == "t5"
+    assert (config.feed_forward_proj, config.is_gated_act, config.dense_act_fn) == ("gated-gelu", True, "gelu_new")
+    assert config.num_heads * config.d_kv != config.d_model
+    assert (len(model.encoder.block), len(model.decoder.block)) == (3, 2)
+    assert not config.scale_decoder_outputs
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+    assert len(tokenizer) < config.vocab_size
+
+
+def test_random_mt5_tiny_has_mt5_features() -> None:
+    model, tokenizer = _preset("random-mt5-tiny")
+    config = model.config
+    assert isinstance(model, MT5ForConditionalGeneration)
+    assert config.model_type == "mt5"
+    assert (config.vocab_size, len(tokenizer)) == (250112, 250100)
+    assert tokenizer.convert_ids_to_tokens(250099) == "<extra_id_0>"
+    assert (config.feed_forward_proj, config.is_gated_act) == ("gated-gelu", True)
+    assert config.d_model <= 64  # tiny width keeps the 250k-row embedding and head cheap
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+
+
 def test_random_tiny_has_a_deeper_decoder() -> None:
     model, _ = _preset("random-tiny")
     assert (len(model.encoder.block), len(model.decoder.block)) == (2, 3)
@@ -192,9 +251,9 @@ def test_load_preset_leaves_global_rng_alone() -> None:
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
-def test_make_preset_is_deterministic(name: str, tmp_path: Path) -> None:
-    first = make_preset(name, tmp_path / "first")
-    second = make_preset(name, tmp_path / "second")
+def test_make_preset_is_deterministic(name: str, saved: Callable[[str], Path], tmp_path: Path) -> None:
+    first = saved(name)
+    second = make_preset(name, tmp_path)
     files = sorted(path.name for path in first.iterdir())
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(files)
     assert files == sorted(path.name for path in second.iterdir())
@@ -203,9 +262,10 @@ def test_make_preset_is_deterministic(name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
-def test_saved_preset_generates_like_in_memory(name: str, tmp_path: Path) -> None:
-    directory = make_preset(name, tmp_path / name)
-    model = T5ForConditionalGeneration.from_pretrained(directory, attn_implementation="eager").eval()
+def test_saved_preset_generates_like_in_memory(name: str, saved: Callable[[str], Path]) -> None:
+    directory = saved(name)
+    model = AutoModelForSeq2SeqLM.from_pretrained(directory, attn_implementation="eager").eval()
+    assert type(model) is type(_preset(name)[0])
     tokenizer = AutoTokenizer.from_pretrained(directory)
     _, in_memory_tokenizer = _preset(name)
     assert tokenizer(TEXTS).input_ids == in_memory_tokenizer(TEXTS).input_ids
@@ -223,6 +283,29 @@ def test_untied_lm_head_survives_save_and_load(tmp_path: Path, monkeypatch: pyte
     assert loaded.lm_head.weight.data_ptr() != loaded.shared.weight.data_ptr()
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
     assert not torch.equal(loaded.lm_head.weight, loaded.shared.weight)
+
+
+@pytest.mark.parametrize("name", UNTIED_PRESET_NAMES)
+def test_untied_preset_survives_save_and_load(name: str, saved: Callable[[str], Path]) -> None:
+    directory = saved(name)
+    model, tokenizer = _preset(name)
+    config = json.loads((directory / "config.json").read_text())
+    # Like the real t5 v1.1 / flan-t5 / mT5 checkpoints: T5Config reads this False as "no output rescale".
+    assert (config["model_type"], config["tie_word_embeddings"]) == (PRESETS[name].model_type, False)
+    assert AutoConfig.from_pretrained(directory).model_type == PRESETS[name].model_type
+
+    batch = tokenizer(TEXTS[:3], return_tensors="pt", padding=True)
+    decoder_input_ids = torch.tensor([[PAD_ID, 5, 9, 4]] * 3)
+    with torch.no_grad():
+        expected = model(**batch, decoder_input_ids=decoder_input_ids).logits
+    # AutoModel picks the family's class; the builder loads every T5-family folder with the T5 class.
+    for model_class in (AutoModelForSeq2SeqLM, T5ForConditionalGeneration):
+        loaded = model_class.from_pretrained(directory, attn_implementation="eager").eval()
+        assert loaded.lm_head.weight.data_ptr() != loaded.shared.weight.data_ptr()
+        assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+        assert not getattr(loaded.config, "scale_decoder_outputs", False)
+        with torch.no_grad():
+            assert torch.equal(loaded(**batch, decoder_input_ids=decoder_input_ids).logits, expected)
 
 
 # --- presets: generation is not degenerate ---------------------------------------------------------------
