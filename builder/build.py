@@ -26,6 +26,7 @@ from .checkpoint import load_checkpoint
 from .errors import BuildError
 from .export import export_graphs
 from .merge import merge_decoders
+from .precision import INT8_METHOD, quantize_int8
 from .repository import DECODER_MODEL, ENCODER_MODEL, VERSION, ServingOptions, write_repository
 from .verify import CheckResult, verify_build
 
@@ -44,10 +45,12 @@ class BuildOptions:
     default_max_new_tokens: int = 64
     max_num_beams: int = 8
     max_batch_size: int = 8
+    min_token_match: float = 0.4
     serving: ServingOptions = field(default_factory=ServingOptions)
 
 
-PRECISION_DTYPES = {"fp32": "float32"}
+# Precision -> dtype of the tensors between models (int8 quantizes weights; its inputs and outputs stay fp32).
+PRECISION_DTYPES = {"fp32": "float32", "int8": "float32"}
 
 
 def _check_output(output: Path, force: bool) -> None:
@@ -101,7 +104,7 @@ def build(options: BuildOptions, console: Console | None = None) -> dict:
     if options.target != "cpu":
         raise BuildError(f"--target {options.target} is not available yet; use --target cpu")
     if options.precision not in PRECISION_DTYPES:
-        raise BuildError(f"--precision {options.precision} is not available yet; use fp32")
+        raise BuildError(f"--precision {options.precision} is not available yet; use {' or '.join(PRECISION_DTYPES)}")
     output = options.output.expanduser().resolve()
     _check_output(output, options.force)
     progress = _Progress(console)
@@ -131,6 +134,16 @@ def _build_into(repo: Path, options: BuildOptions, progress: _Progress) -> dict:
         checks = verify_build(model, checkpoint.tokenizer, graphs.encoder, merged)
     _print_checks(progress.console, checks)
     _raise_on_failed(checks)
+    encoder, decoder = graphs.encoder, merged
+    precision = {"precision": "fp32"}  # equal to transformers: the checks above
+    if options.precision == "int8":
+        with progress.step("quantize to int8"):
+            encoder, decoder = quantize_int8(graphs.encoder, merged, scratch / "int8")
+        with progress.step("measure int8 against PyTorch fp32 and transformers.generate"):
+            reduced = verify_build(model, checkpoint.tokenizer, encoder, decoder, "int8", options.min_token_match)
+        _print_checks(progress.console, reduced)
+        _raise_on_failed(reduced)
+        precision = _precision_report(reduced, options.min_token_match, (graphs.encoder, merged), (encoder, decoder))
 
     serving = spec.ServingSpec(
         dims=dims,
@@ -141,15 +154,15 @@ def _build_into(repo: Path, options: BuildOptions, progress: _Progress) -> dict:
         max_num_beams=options.max_num_beams,
         max_batch_size=options.max_batch_size,
     )
-    decoder_bytes = merged.stat().st_size
+    decoder_bytes = decoder.stat().st_size
     with progress.step("write the model repository"):
-        write_repository(repo, graphs.encoder, merged, checkpoint.tokenizer, serving, options.serving)
+        write_repository(repo, encoder, decoder, checkpoint.tokenizer, serving, options.serving)
         shutil.rmtree(scratch)
     decoder_weights = _weights_bytes(model.get_decoder(), model.lm_head)
     report = {
         "source": {"model": options.model, "kind": checkpoint.kind},
         "target": options.target,
-        "precision": options.precision,
+        "precision": precision,
         "versions": _versions(),
         "serving": asdict(serving),
         "models": {
@@ -167,6 +180,24 @@ def _build_into(repo: Path, options: BuildOptions, progress: _Progress) -> dict:
     }
     (repo / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _precision_report(checks: list[CheckResult], minimum: float, fp32: tuple[Path, Path], int8: tuple[Path, Path]):
+    generation = [c for c in checks if c.name.startswith("generation")]
+    return {
+        "precision": "int8",
+        "method": INT8_METHOD,
+        "min_token_match": minimum,
+        "token_match_rate": {
+            c.name.split(":")[0].removeprefix("generation "): c.metrics["token_match_rate"] for c in generation
+        },
+        "logits_vs_fp32": next(c.metrics for c in checks if c.name.startswith("encoder + decoder steps")),
+        "bytes": {
+            "fp32": {"encoder": fp32[0].stat().st_size, "decoder": fp32[1].stat().st_size},
+            "int8": {"encoder": int8[0].stat().st_size, "decoder": int8[1].stat().st_size},
+        },
+        "checks": [c.as_dict() for c in checks],
+    }
 
 
 def _print_checks(console: Console, checks: list[CheckResult]) -> None:

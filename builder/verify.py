@@ -27,6 +27,7 @@ from t5_triton.model_repository.t5_runtime.decoder_state import T5DecoderState
 from t5_triton.model_repository.t5_runtime.generator import T5Generator
 from t5_triton.model_repository.t5_runtime.onnx_runner import TorchSession, create_session, run_numpy
 from t5_triton.model_repository.t5_runtime.params import GenerationParams
+from t5_triton.model_repository.t5_runtime.search import trim_sequence
 
 from .export import CachedStepDecoderGraph, EncoderGraph, FirstStepDecoderGraph, sample_inputs
 
@@ -37,7 +38,11 @@ class Tolerance:
     rel: float  # ||a - b|| / ||b||
 
 
-TOLERANCES = {"float32": Tolerance(max_abs=1e-4, rel=1e-5)}
+TOLERANCES = {
+    "float32": Tolerance(max_abs=1e-4, rel=1e-5),
+    # Sanity bounds only (a broken graph is off by ~100%); int8 quality is judged by token agreement.
+    "int8": Tolerance(max_abs=0.5, rel=0.3),
+}
 
 # Varied prompts: different lengths give padded batches and, on a non-degenerate model, varied outputs.
 SAMPLE_TEXTS = (
@@ -180,14 +185,28 @@ def reference_generate(model: T5ForConditionalGeneration, batch, generation_conf
     return model.generate(**batch, generation_config=generation_config, past_key_values=cache)
 
 
+def token_match_rate(actual: list[list[int]], expected: list[list[int]]) -> float:
+    """Mean share of positions where two generations agree (over the longer of each pair, padding cut)."""
+    rates = []
+    for a, e in zip(actual, expected, strict=True):
+        a, e = trim_sequence(a), trim_sequence(e)
+        rates.append(sum(x == y for x, y in zip(a, e, strict=False)) / max(len(a), len(e)))
+    return float(np.mean(rates))
+
+
 def check_generation(
     model: T5ForConditionalGeneration,
     tokenizer: PreTrainedTokenizerBase,
     encoder: ort.InferenceSession,
     decoder: ort.InferenceSession,
     max_new_tokens: int = 20,
+    min_token_match: float | None = None,
 ) -> list[CheckResult]:
-    """Greedy and beam 4 through the serving code path (`T5Generator`) vs `transformers.generate`."""
+    """Greedy and beam 4 through the serving code path (`T5Generator`) vs `transformers.generate` (fp32).
+
+    With `min_token_match` None every sequence must be equal token for token; else the token match
+    rate must reach it (reduced precision).
+    """
     dims = spec.ModelDims.from_hf(model.config, model.generation_config)
     generator = T5Generator(TorchSession(encoder), TorchSession(decoder), dims)
     batch = tokenizer(list(SAMPLE_TEXTS), return_tensors="pt", padding=True)
@@ -207,18 +226,18 @@ def check_generation(
             expected = reference_generate(model, batch, reference)
             params = GenerationParams(max_new_tokens=max_new_tokens, num_beams=num_beams)
             actual = generator.run(batch["input_ids"], batch["attention_mask"], params).sequences
-        if actual.shape == expected.shape:
-            mismatched = sum(not torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
-        else:
-            mismatched = len(SAMPLE_TEXTS)
-        results.append(
-            CheckResult(
-                f"generation {label} == transformers.generate",
-                mismatched == 0,
-                f"{len(SAMPLE_TEXTS) - mismatched}/{len(SAMPLE_TEXTS)} sequences equal token for token",
-                {"inputs": len(SAMPLE_TEXTS), "mismatched": mismatched, **_variety(expected, dims.eos_token_id)},
-            )
+        rate = token_match_rate(actual.tolist(), expected.tolist())
+        mismatched = sum(
+            trim_sequence(a) != trim_sequence(e) for a, e in zip(actual.tolist(), expected.tolist(), strict=True)
         )
+        equal = f"{len(SAMPLE_TEXTS) - mismatched}/{len(SAMPLE_TEXTS)} sequences equal token for token"
+        if min_token_match is None:
+            name, passed = f"generation {label} == transformers.generate", mismatched == 0
+        else:
+            name, passed = f"generation {label}: token match with transformers fp32", rate >= min_token_match
+            equal += f", token match rate {rate:.3f} (minimum {min_token_match})"
+        metrics = {"inputs": len(SAMPLE_TEXTS), "mismatched": mismatched, "token_match_rate": rate}
+        results.append(CheckResult(name, passed, equal, {**metrics, **_variety(expected, dims.eos_token_id)}))
     return results
 
 
@@ -228,12 +247,14 @@ def verify_build(
     encoder_path: Path,
     decoder_path: Path,
     precision: str = "float32",
+    min_token_match: float | None = None,
 ) -> list[CheckResult]:
+    """Every check of the graphs at `precision` against the PyTorch model (fp32)."""
     tol = TOLERANCES[precision]
     encoder = create_session(encoder_path)
     decoder = create_session(decoder_path)
     results = check_encoder(model, encoder, tol)
     results += check_decoder_branches(model, decoder, tol)
     results.append(check_chain(model, tokenizer, encoder, decoder, tol))
-    results += check_generation(model, tokenizer, encoder, decoder)
+    results += check_generation(model, tokenizer, encoder, decoder, min_token_match=min_token_match)
     return results

@@ -30,6 +30,7 @@ from t5_triton.model_repository.t5_runtime.request import (
     TEXT_INPUT,
     TEXT_OUTPUT,
 )
+from t5_triton.model_repository.t5_runtime.search import trim_sequence
 
 MODEL_NAME = "t5_generate"
 _OPTIONAL_INPUTS = {**PARAMETER_TYPES, **OPTION_TYPES}
@@ -100,21 +101,6 @@ def _results(response, eos_token_id: int, pad_token_id: int) -> list[GenerateRes
             )
         )
     return results
-
-
-def trim_sequence(ids: list[int], eos: int = 1, pad: int = 0) -> list[int]:
-    """A generated sequence without its padding: up to its first EOS, else without trailing pad.
-
-    The first token is the decoder start (pad in T5). transformers pads T5 beam-search outputs with
-    EOS rather than pad (pad id 0 reads as unset there), so the first EOS is where a sequence ends.
-    """
-    for position in range(1, len(ids)):
-        if ids[position] == eos:
-            return ids[: position + 1]
-    end = len(ids)
-    while end > 1 and ids[end - 1] == pad:
-        end -= 1
-    return ids[:end]
 
 
 def _error(err: InferenceServerException) -> GenerateError:

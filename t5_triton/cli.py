@@ -52,7 +52,21 @@ def _add_build(subparsers) -> None:
         help="cpu: encoder and decoder run by ONNX Runtime in python-backend models (any Triton); "
         "gpu: TensorRT encoder + ONNX Runtime CUDA decoder (NGC Triton container)",
     )
-    p.add_argument("--precision", choices=("fp32",), default="fp32", help="numeric precision of the graphs")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="fp32: equal to transformers token for token; int8 (cpu target): weights quantized, smaller and "
+        "measured against fp32 before the build succeeds",
+    )
+    p.add_argument(
+        "--min-token-match",
+        type=float,
+        default=0.4,
+        help="reduced precision: the build fails when greedy or beam-search output agrees with transformers fp32 "
+        "on fewer than this share of tokens (the builder's fixed inputs). The default catches a broken "
+        "quantization; raise it for production",
+    )
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     limits = p.add_argument_group("limits enforced per request by t5_generate")
     limits.add_argument("--max-input-tokens", type=_positive, default=512, help="longest input, in tokens")
@@ -97,6 +111,7 @@ def _run_build(args: argparse.Namespace) -> int:
         default_max_new_tokens=args.default_max_new_tokens,
         max_num_beams=args.max_num_beams,
         max_batch_size=args.max_batch_size,
+        min_token_match=args.min_token_match,
         serving=ServingOptions(
             target=args.target,
             generate_instances=args.instances,

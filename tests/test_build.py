@@ -74,7 +74,7 @@ def test_generate_config_inputs(tiny_repo):
 def test_build_report(tiny_repo):
     report = json.loads((tiny_repo / "build_report.json").read_text())
     assert report["source"] == {"model": "random-tiny", "kind": "preset"}
-    assert report["precision"] == "fp32"
+    assert report["precision"]["precision"] == "fp32"
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(report["versions"])
     assert report["serving"]["dims"]["num_decoder_layers"] == 3
     size = report["decoder_size"]

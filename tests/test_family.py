@@ -17,7 +17,8 @@ from transformers import GenerationConfig
 from t5_triton.builder.build import BuildOptions, build
 from t5_triton.builder.checkpoint import load_checkpoint
 from t5_triton.builder.verify import SAMPLE_TEXTS, reference_generate
-from t5_triton.client.api import T5Client, trim_sequence
+from t5_triton.client.api import T5Client
+from t5_triton.model_repository.t5_runtime.search import trim_sequence
 from t5_triton.server import Ports, TritonServer
 
 pytestmark = pytest.mark.server

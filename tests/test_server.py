@@ -17,7 +17,8 @@ from transformers import GenerationConfig
 from tritonclient.utils import InferenceServerException
 
 from t5_triton.builder.verify import SAMPLE_TEXTS, reference_generate
-from t5_triton.client.api import GenerateError, T5Client, trim_sequence
+from t5_triton.client.api import GenerateError, T5Client
+from t5_triton.model_repository.t5_runtime.search import trim_sequence
 
 pytestmark = pytest.mark.server
 

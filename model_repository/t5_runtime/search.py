@@ -70,6 +70,21 @@ class GenerationOutput:
     scores: torch.Tensor
 
 
+def trim_sequence(ids: list[int], eos: int = 1, pad: int = 0) -> list[int]:
+    """A generated sequence without its padding: up to its first EOS, else without trailing pad.
+
+    The first token is the decoder start (pad in T5). transformers pads T5 beam-search outputs with
+    EOS rather than pad (pad id 0 reads as unset there), so the first EOS is where a sequence ends.
+    """
+    for position in range(1, len(ids)):
+        if ids[position] == eos:
+            return ids[: position + 1]
+    end = len(ids)
+    while end > 1 and ids[end - 1] == pad:
+        end -= 1
+    return ids[:end]
+
+
 def generate(
     state: DecoderState,
     batch_size: int,
