@@ -25,6 +25,10 @@ class BlsModel:
     def __init__(self, model_name: str, device: torch.device):
         self.model_name = model_name
         self.device = device
+        # name -> (torch tensor, its pb_utils.Tensor): an input passed again as the same object (cross K/V,
+        # mask, placeholders on every step) reuses its pb_utils.Tensor, which Triton does not copy again
+        # (DESIGN 3b: 1.87 -> 1.21 ms per call at 24 x 8 MB). Calls are sequential per instance.
+        self._last: dict[str, tuple[torch.Tensor, pb_utils.Tensor]] = {}
         self._memory = {}
         if device.type == "cuda":
             self._memory = {
@@ -32,10 +36,15 @@ class BlsModel:
             }
 
     def _tensor(self, name: str, value: torch.Tensor) -> pb_utils.Tensor:
-        value = value.contiguous()
-        if value.is_cuda:
-            return pb_utils.Tensor.from_dlpack(name, to_dlpack(value))
-        return pb_utils.Tensor(name, value.numpy())
+        last = self._last.get(name)
+        if last is not None and last[0] is value:
+            return last[1]
+        data = value.contiguous()
+        tensor = (
+            pb_utils.Tensor.from_dlpack(name, to_dlpack(data)) if data.is_cuda else pb_utils.Tensor(name, data.numpy())
+        )
+        self._last[name] = (value, tensor)
+        return tensor
 
     def __call__(self, inputs: dict[str, torch.Tensor], outputs: Sequence[str]) -> dict[str, torch.Tensor]:
         request = pb_utils.InferenceRequest(

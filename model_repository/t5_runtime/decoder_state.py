@@ -35,6 +35,10 @@ class T5DecoderState:
         self._mask = encoder_attention_mask.to(torch.int64)
         self._self_kv: torch.Tensor | None = None
         self._cross_kv: torch.Tensor | None = None
+        # Inputs that stay the same from step to step are passed as the same objects, so a BLS caller
+        # can send them without copying them again.
+        self._use_cache = torch.tensor([True], device=encoder_hidden_states.device)
+        self._no_states: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -48,11 +52,13 @@ class T5DecoderState:
             empty_kv = states.new_empty(self._dims.kv_shape(rows, 0))
             past, cross = empty_kv, empty_kv
         else:
-            states = self._cross_kv.new_empty((rows, 0, self._dims.d_model))
+            if self._no_states is None or self._no_states.shape[0] != rows:
+                self._no_states = self._cross_kv.new_empty((rows, 0, self._dims.d_model))
+            states = self._no_states
             past, cross = self._self_kv, self._cross_kv
         out = self._call(
             {
-                spec.USE_CACHE_BRANCH: torch.tensor([not first], device=tokens.device),
+                spec.USE_CACHE_BRANCH: ~self._use_cache if first else self._use_cache,
                 spec.DECODER_INPUT_IDS: tokens.to(torch.int64).view(rows, 1),
                 spec.ENCODER_HIDDEN_STATES: states,
                 spec.DECODER_ENCODER_MASK: self._mask,
