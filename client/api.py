@@ -58,7 +58,8 @@ class GenerateResult:
     scores: list[float]
 
 
-def _request_inputs(module, texts: Sequence[str] | None, input_ids, params: dict[str, Any]) -> list:
+def request_inputs(module, texts: Sequence[str] | None, input_ids, params: dict[str, Any]) -> list:
+    """The InferInputs of one t5_generate request (`module`: tritonclient.http or tritonclient.grpc)."""
     if (texts is None) == (input_ids is None):
         raise ValueError("give texts or input_ids, not both")
     if texts is not None:
@@ -137,7 +138,7 @@ class T5Client(_Client):
         texts = [texts] if isinstance(texts, str) else texts
         try:
             response = self.client.infer(
-                self.model, _request_inputs(self.module, texts, input_ids, params), outputs=_outputs(self.module)
+                self.model, request_inputs(self.module, texts, input_ids, params), outputs=_outputs(self.module)
             )
         except InferenceServerException as err:
             raise _error(err) from err
@@ -170,7 +171,7 @@ class AsyncT5Client(_Client):
         texts = [texts] if isinstance(texts, str) else texts
         try:
             response = await self.client.infer(
-                self.model, _request_inputs(self.module, texts, input_ids, params), outputs=_outputs(self.module)
+                self.model, request_inputs(self.module, texts, input_ids, params), outputs=_outputs(self.module)
             )
         except InferenceServerException as err:
             raise _error(err) from err
