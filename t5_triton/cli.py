@@ -281,7 +281,7 @@ def _add_bench(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="random-t5-small", help="preset, local checkpoint folder or hub id")
-    p.add_argument("--repository", type=Path, help="a repository built from --model (default: build one)")
+    p.add_argument("--repository", type=Path, help="a repository built from --model (default: build a fresh one)")
     p.add_argument("--input-tokens", type=_positive, default=32)
     p.add_argument("--new-tokens", type=_positive, default=64, help="forced: min = max new tokens")
     p.add_argument("--passes", type=_positive, default=3, help="processes per engine")
@@ -301,8 +301,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     checkpoint = args.model
     if is_preset(args.model):
         checkpoint = str(make_preset(args.model, work / "checkpoint"))
-    repository = args.repository or work / "repo"
-    if not (repository / "build_report.json").is_file():
+    repository = args.repository
+    if repository is None:  # built fresh: a repository left by older code would measure that code
+        repository = work / "repo"
         build(BuildOptions(model=checkpoint, output=repository, force=True), _console)
     config = BenchConfig(
         checkpoint=checkpoint,
