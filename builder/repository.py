@@ -32,6 +32,7 @@ class ServingOptions:
     decoder_instances: int = 1
     threads: int = 0  # ONNX Runtime intra-op threads per instance; 0 = one per core
     queue_delay_us: int = 0
+    max_queue_size: int = 64  # requests waiting for t5_generate beyond this are refused (0: no limit)
 
 
 def _copy_runtime(version_dir: Path) -> None:
@@ -101,6 +102,7 @@ def write_repository(
         name=GENERATE_MODEL,
         max_batch_size=serving.max_batch_size,
         queue_delay_us=options.queue_delay_us,
+        max_queue_size=options.max_queue_size,
         instances=options.generate_instances,
         instance_kind="KIND_GPU" if gpu else "KIND_CPU",
         encoder_model=ENCODER_MODEL,

@@ -91,6 +91,12 @@ def _add_build(subparsers) -> None:
         default=0,
         help="how long t5_generate's dynamic batcher waits for more requests to batch together",
     )
+    serving.add_argument(
+        "--max-queue-size",
+        type=_non_negative,
+        default=64,
+        help="requests waiting for t5_generate beyond this are refused at once with UNAVAILABLE (0: no limit)",
+    )
     p.set_defaults(run=_run_build)
 
 
@@ -119,6 +125,7 @@ def _run_build(args: argparse.Namespace) -> int:
             decoder_instances=args.decoder_instances,
             threads=args.threads,
             queue_delay_us=args.queue_delay_us,
+            max_queue_size=args.max_queue_size,
         ),
     )
     build(options, _console)
