@@ -40,10 +40,6 @@ class T5DecoderState:
         self._use_cache = torch.tensor([True], device=encoder_hidden_states.device)
         self._no_states: torch.Tensor | None = None
 
-    @property
-    def rows(self) -> int:
-        return self._mask.shape[0]
-
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = tokens.shape[0]
         first = self._self_kv is None
