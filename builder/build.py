@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -22,11 +22,13 @@ from rich.table import Table
 
 from t5_triton.model_repository.t5_runtime import spec
 
+from . import tensorrt_engine
 from .checkpoint import load_checkpoint
 from .errors import BuildError
 from .export import export_graphs
+from .gpu_target import EngineOptions, encoder_profile
 from .merge import merge_decoders
-from .precision import INT8_METHOD, quantize_int8
+from .precision import FP16_METHOD, INT8_METHOD, convert_fp16, quantize_int8, verify_fp16
 from .repository import DECODER_MODEL, ENCODER_MODEL, VERSION, ServingOptions, write_repository
 from .verify import CheckResult, verify_build
 
@@ -47,10 +49,12 @@ class BuildOptions:
     max_batch_size: int = 8
     min_token_match: float = 0.4
     serving: ServingOptions = field(default_factory=ServingOptions)
+    engine: EngineOptions = field(default_factory=EngineOptions)  # gpu target: the TensorRT encoder
 
 
-# Precision -> dtype of the tensors between models (int8 quantizes weights; its inputs and outputs stay fp32).
-PRECISION_DTYPES = {"fp32": "float32", "int8": "float32"}
+# Precision -> dtype of the tensors between models (int8 quantizes weights; fp16 computes in fp16 inside
+# the graphs; both keep fp32 inputs and outputs, so the serving code and configs stay the same).
+PRECISION_DTYPES = {"fp32": "float32", "int8": "float32", "fp16": "float32"}
 
 
 def _check_output(output: Path, force: bool) -> None:
@@ -95,14 +99,19 @@ def _weights_bytes(*modules) -> int:
 
 
 def _files(repo: Path) -> dict[str, int]:
-    return {str(p.relative_to(repo)): p.stat().st_size for p in sorted(repo.rglob("*.onnx*")) if p.is_file()}
+    models = [*repo.rglob("*.onnx*"), *repo.rglob("*.plan")]
+    return {str(p.relative_to(repo)): p.stat().st_size for p in sorted(models) if p.is_file()}
 
 
 def build(options: BuildOptions, console: Console | None = None) -> dict:
     """Run the whole build; return the report (also written to the repository)."""
     console = console or Console(stderr=True)
-    if options.target != "cpu":
-        raise BuildError(f"--target {options.target} is not available yet; use --target cpu")
+    if options.target not in ("cpu", "gpu"):
+        raise BuildError(f"--target {options.target}: use cpu or gpu")
+    if options.target == "gpu":
+        _check_gpu_options(options)  # before the export: a gpu build that cannot finish fails in seconds
+    elif options.engine != EngineOptions():
+        raise BuildError("--engine-precision, --encoder-batch and --encoder-tokens are for --target gpu")
     if options.precision not in PRECISION_DTYPES:
         raise BuildError(f"--precision {options.precision} is not available yet; use {' or '.join(PRECISION_DTYPES)}")
     output = options.output.expanduser().resolve()
@@ -143,7 +152,21 @@ def _build_into(repo: Path, options: BuildOptions, progress: _Progress) -> dict:
             reduced = verify_build(model, checkpoint.tokenizer, encoder, decoder, "int8", options.min_token_match)
         _print_checks(progress.console, reduced)
         _raise_on_failed(reduced)
-        precision = _precision_report(reduced, options.min_token_match, (graphs.encoder, merged), (encoder, decoder))
+        precision = _precision_report(
+            "int8", INT8_METHOD, reduced, options.min_token_match, (graphs.encoder, merged), (encoder, decoder)
+        )
+    elif options.precision == "fp16":
+        with progress.step("audit fp32 value ranges, convert to fp16"):
+            fp16 = convert_fp16(graphs, checkpoint.tokenizer, dims.decoder_start_token_id, scratch / "fp16")
+        encoder, decoder = fp16.encoder, fp16.decoder
+        with progress.step("measure fp16 against PyTorch fp32 and transformers.generate"):
+            reduced = verify_fp16(model, checkpoint.tokenizer, fp16, options.min_token_match)
+        _print_checks(progress.console, reduced)
+        _raise_on_failed(reduced)
+        precision = _precision_report(
+            "fp16", FP16_METHOD, reduced, options.min_token_match, (graphs.encoder, merged), (encoder, decoder)
+        )
+        precision["kept_fp32"] = fp16.report
 
     serving = spec.ServingSpec(
         dims=dims,
@@ -154,9 +177,23 @@ def _build_into(repo: Path, options: BuildOptions, progress: _Progress) -> dict:
         max_num_beams=options.max_num_beams,
         max_batch_size=options.max_batch_size,
     )
+    encoder_plan, gpu = None, None
+    if options.target == "gpu":
+        encoder_plan, gpu, engine_checks = tensorrt_engine.build_gpu_encoder(
+            graphs.encoder,
+            scratch / "tensorrt",
+            serving,
+            options.engine,
+            options.serving.generate_instances,
+            progress.step,
+        )
+        _print_checks(progress.console, engine_checks)
+        _raise_on_failed(engine_checks)
+        checks = [*checks, *engine_checks]
     decoder_bytes = decoder.stat().st_size
     with progress.step("write the model repository"):
-        write_repository(repo, encoder, decoder, checkpoint.tokenizer, serving, options.serving)
+        serving_options = replace(options.serving, target=options.target)
+        write_repository(repo, encoder, decoder, checkpoint.tokenizer, serving, serving_options, encoder_plan)
         shutil.rmtree(scratch)
     decoder_weights = _weights_bytes(model.get_decoder(), model.lm_head)
     report = {
@@ -166,7 +203,7 @@ def _build_into(repo: Path, options: BuildOptions, progress: _Progress) -> dict:
         "versions": _versions(),
         "serving": asdict(serving),
         "models": {
-            ENCODER_MODEL: f"{ENCODER_MODEL}/{VERSION}/model.onnx",
+            ENCODER_MODEL: f"{ENCODER_MODEL}/{VERSION}/model.{'plan' if encoder_plan else 'onnx'}",
             DECODER_MODEL: f"{DECODER_MODEL}/{VERSION}/model.onnx",
         },
         "files": _files(repo),
@@ -178,15 +215,34 @@ def _build_into(repo: Path, options: BuildOptions, progress: _Progress) -> dict:
         "checks": [c.as_dict() for c in checks],
         "timings_s": progress.timings,
     }
+    if gpu is not None:
+        report["gpu"] = gpu
     (repo / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _precision_report(checks: list[CheckResult], minimum: float, fp32: tuple[Path, Path], int8: tuple[Path, Path]):
+def _check_gpu_options(options: BuildOptions) -> None:
+    if options.precision == "int8":
+        raise BuildError(
+            "--precision int8 is for the cpu target (ONNX Runtime's int8 kernels run on the CPU); "
+            "on gpu, --engine-precision sets the encoder's precision"
+        )
+    encoder_profile(options.engine, options.max_batch_size, options.max_num_beams, options.max_input_tokens)
+    tensorrt_engine.require_tensorrt(options.engine.precision)
+
+
+def _precision_report(
+    name: str,
+    method: str,
+    checks: list[CheckResult],
+    minimum: float,
+    fp32: tuple[Path, Path],
+    reduced: tuple[Path, Path],
+) -> dict:
     generation = [c for c in checks if c.name.startswith("generation")]
     return {
-        "precision": "int8",
-        "method": INT8_METHOD,
+        "precision": name,
+        "method": method,
         "min_token_match": minimum,
         "token_match_rate": {
             c.name.split(":")[0].removeprefix("generation "): c.metrics["token_match_rate"] for c in generation
@@ -194,7 +250,7 @@ def _precision_report(checks: list[CheckResult], minimum: float, fp32: tuple[Pat
         "logits_vs_fp32": next(c.metrics for c in checks if c.name.startswith("encoder + decoder steps")),
         "bytes": {
             "fp32": {"encoder": fp32[0].stat().st_size, "decoder": fp32[1].stat().st_size},
-            "int8": {"encoder": int8[0].stat().st_size, "decoder": int8[1].stat().st_size},
+            name: {"encoder": reduced[0].stat().st_size, "decoder": reduced[1].stat().st_size},
         },
         "checks": [c.as_dict() for c in checks],
     }

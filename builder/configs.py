@@ -66,6 +66,7 @@ def decoder_tensors(dims: spec.ModelDims, float_dtype: str) -> tuple[list[Tensor
         TensorConfig(spec.DECODER_ENCODER_MASK, "TYPE_INT64", (-1, -1)),
         TensorConfig(spec.PAST_SELF_KV, fp, kv),
         TensorConfig(spec.CROSS_KV, fp, kv),
+        TensorConfig(spec.DECODER_SELF_MASK, "TYPE_INT64", (-1, -1)),
     ]
     outputs = [
         TensorConfig(spec.LOGITS, "TYPE_FP32", (-1, dims.vocab_size)),

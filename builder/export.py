@@ -60,10 +60,10 @@ class _DecoderGraph(nn.Module):
         self.output_scale = model.config.d_model**-0.5 if scaled else None
         self.register_buffer("zero_bias", model.lm_head.weight.new_zeros(model.lm_head.weight.shape[0]))
 
-    def _run(self, decoder_input_ids, encoder_hidden_states, cross_mask, cache):
-        # Self-attention sees one new token over the whole past: no causal mask needed, and a
-        # broadcastable zero mask keeps transformers' mask builder (and its tracing shortcuts) out.
-        self_mask = cross_mask.new_zeros((1, 1, 1, 1))
+    def _run(self, decoder_input_ids, encoder_hidden_states, cross_mask, self_mask, cache):
+        # Self-attention sees one new token over the whole past: no causal mask is needed, only which
+        # past positions are real. A ready 4D mask keeps transformers' mask builder (and its tracing
+        # shortcuts) out.
         out = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=self_mask,
@@ -87,19 +87,21 @@ class FirstStepDecoderGraph(_DecoderGraph):
     def forward(self, decoder_input_ids, encoder_hidden_states, encoder_attention_mask):
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         cross_mask = additive_mask(encoder_attention_mask, encoder_hidden_states.dtype)
-        logits = self._run(decoder_input_ids, encoder_hidden_states, cross_mask, cache)
+        no_padding = cross_mask.new_zeros((1, 1, 1, 1))  # the first step has no past
+        logits = self._run(decoder_input_ids, encoder_hidden_states, cross_mask, no_padding, cache)
         return logits, _pack(cache.self_attention_cache), _pack(cache.cross_attention_cache)
 
 
 class CachedStepDecoderGraph(_DecoderGraph):
     """With past: reads cached self- and cross-attention K/V, returns K/V of the new position only."""
 
-    def forward(self, decoder_input_ids, encoder_attention_mask, past_self_kv, cross_kv):
+    def forward(self, decoder_input_ids, encoder_attention_mask, past_self_kv, cross_kv, decoder_attention_mask):
         cache = EncoderDecoderCache(_unpack(past_self_kv), _unpack(cross_kv))
         cross_mask = additive_mask(encoder_attention_mask, cross_kv.dtype)
+        self_mask = additive_mask(decoder_attention_mask, cross_kv.dtype)
         # T5 only takes the cross-attention path when encoder states are given; with the cross cache
         # filled it never reads them, so any tensor will do as the placeholder.
-        logits = self._run(decoder_input_ids, cross_mask, cross_mask, cache)
+        logits = self._run(decoder_input_ids, cross_mask, cross_mask, self_mask, cache)
         new_self_kv = _pack(cache.self_attention_cache)[:, :, :, :, -1:, :]
         return logits, new_self_kv
 
@@ -128,7 +130,14 @@ def sample_inputs(model: T5ForConditionalGeneration, rows: int = 2, src_len: int
         "encoder_hidden_states": torch.randn(rows, src_len, cfg.d_model, generator=gen).to(dtype),
         "past_self_kv": torch.randn(dims.kv_shape(rows, past_len), generator=gen).to(dtype),
         "cross_kv": torch.randn(dims.kv_shape(rows, src_len), generator=gen).to(dtype),
+        "decoder_attention_mask": left_padded_mask(torch.arange(past_len + 1, past_len + 1 - rows, -1)),
     }
+
+
+def left_padded_mask(lengths: torch.Tensor) -> torch.Tensor:
+    """[rows] real lengths -> int64 [rows, longest] mask, 1 on each row's last `length` positions."""
+    longest = int(lengths.max())
+    return (torch.arange(longest)[None, :] >= (longest - lengths)[:, None]).to(torch.int64)
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict):
@@ -191,15 +200,16 @@ def export_graphs(model: T5ForConditionalGeneration, directory: Path) -> Exporte
     )
     _export(
         CachedStepDecoderGraph(model),
-        (x["decoder_input_ids"], x["attention_mask"], x["past_self_kv"], x["cross_kv"]),
+        (x["decoder_input_ids"], x["attention_mask"], x["past_self_kv"], x["cross_kv"], x["decoder_attention_mask"]),
         paths.cached_step_decoder,
-        [spec.DECODER_INPUT_IDS, spec.DECODER_ENCODER_MASK, spec.PAST_SELF_KV, spec.CROSS_KV],
+        [spec.DECODER_INPUT_IDS, spec.DECODER_ENCODER_MASK, spec.PAST_SELF_KV, spec.CROSS_KV, spec.DECODER_SELF_MASK],
         [spec.LOGITS, spec.NEW_SELF_KV],
         {
             spec.DECODER_INPUT_IDS: {0: rows},
             spec.DECODER_ENCODER_MASK: {0: rows, 1: src},
             spec.PAST_SELF_KV: kv_axes,
             spec.CROSS_KV: cross_axes,
+            spec.DECODER_SELF_MASK: {0: rows, 1: "past_len_plus_1"},
             spec.LOGITS: {0: rows},
             spec.NEW_SELF_KV: {2: rows},
         },

@@ -16,6 +16,7 @@ from . import configs
 ENCODER_MODEL = "t5_encoder"
 DECODER_MODEL = "t5_decoder"
 GENERATE_MODEL = "t5_generate"
+STREAM_MODEL = "t5_generate_stream"  # the same code, decoupled: tokens are sent as they are decided
 VERSION = "1"
 TOKENIZER_DIR = "tokenizer"
 
@@ -62,6 +63,46 @@ def _write_onnx_model(repo: Path, name: str, onnx_file: Path, tensors, options: 
     (repo / name / "config.pbtxt").write_text(text)
 
 
+@dataclass(frozen=True)
+class EnginePlan:
+    """The gpu target's encoder: a built TensorRT engine, and what its config records about it."""
+
+    path: Path
+    precision: str
+    tensorrt_version: str
+    profile: str
+
+
+def _write_gpu_models(repo: Path, plan: EnginePlan, decoder_onnx: Path, serving: spec.ServingSpec, options):
+    """gpu target: the encoder engine for the tensorrt backend, the decoder for the onnxruntime backend."""
+    dims, dtype = serving.dims, serving.float_dtype
+    version_dir = repo / ENCODER_MODEL / VERSION
+    version_dir.mkdir(parents=True)
+    shutil.move(plan.path, version_dir / "model.plan")
+    inputs, outputs = configs.encoder_tensors(dims, dtype)
+    text = configs.render_config(
+        "tensorrt_plan",
+        inputs,
+        outputs,
+        name=ENCODER_MODEL,
+        instances=options.encoder_instances,
+        precision=plan.precision,
+        tensorrt_version=plan.tensorrt_version,
+        profile=plan.profile,
+    )
+    (repo / ENCODER_MODEL / "config.pbtxt").write_text(text)
+
+    version_dir = repo / DECODER_MODEL / VERSION
+    version_dir.mkdir(parents=True)
+    for part in decoder_onnx.parent.glob(decoder_onnx.name + "*"):  # the graph and any external-data file
+        shutil.move(part, version_dir / part.name.replace(decoder_onnx.stem, "model", 1))
+    inputs, outputs = configs.decoder_tensors(dims, dtype)
+    text = configs.render_config(
+        "onnxruntime_gpu", inputs, outputs, name=DECODER_MODEL, instances=options.decoder_instances
+    )
+    (repo / DECODER_MODEL / "config.pbtxt").write_text(text)
+
+
 def write_repository(
     repo: Path,
     encoder_onnx: Path,
@@ -69,28 +110,49 @@ def write_repository(
     tokenizer: PreTrainedTokenizerBase,
     serving: spec.ServingSpec,
     options: ServingOptions,
+    encoder_plan: EnginePlan | None = None,
 ) -> None:
-    """Populate `repo` (an empty folder); the ONNX files are moved into it."""
-    dims, dtype = serving.dims, serving.float_dtype
-    _write_onnx_model(
-        repo,
-        ENCODER_MODEL,
-        encoder_onnx,
-        configs.encoder_tensors(dims, dtype),
-        options,
-        options.encoder_instances,
-    )
-    _write_onnx_model(
-        repo,
-        DECODER_MODEL,
-        decoder_onnx,
-        configs.decoder_tensors(dims, dtype),
-        options,
-        options.decoder_instances,
-    )
+    """Populate `repo` (an empty folder); the model files are moved into it.
 
-    version_dir = repo / GENERATE_MODEL / VERSION
-    _install_model_code(version_dir, "generate_model.py", "bls.py")
+    gpu target: `encoder_plan` is the encoder (`encoder_onnx`, what it was built from, is not served).
+    """
+    dims, dtype = serving.dims, serving.float_dtype
+    if options.target == "gpu":
+        if encoder_plan is None:
+            raise ValueError("the gpu target serves the encoder as a TensorRT engine: pass encoder_plan")
+        _write_gpu_models(repo, encoder_plan, decoder_onnx, serving, options)
+    else:
+        _write_onnx_model(
+            repo,
+            ENCODER_MODEL,
+            encoder_onnx,
+            configs.encoder_tensors(dims, dtype),
+            options,
+            options.encoder_instances,
+        )
+        _write_onnx_model(
+            repo,
+            DECODER_MODEL,
+            decoder_onnx,
+            configs.decoder_tensors(dims, dtype),
+            options,
+            options.decoder_instances,
+        )
+
+    for name, decoupled in ((GENERATE_MODEL, False), (STREAM_MODEL, True)):
+        _write_generate_model(repo, name, decoupled, tokenizer, serving, options)
+
+
+def _write_generate_model(
+    repo: Path,
+    name: str,
+    decoupled: bool,
+    tokenizer: PreTrainedTokenizerBase,
+    serving: spec.ServingSpec,
+    options: ServingOptions,
+) -> None:
+    version_dir = repo / name / VERSION
+    _install_model_code(version_dir, "generate_model.py", "bls.py", "metrics.py")
     tokenizer.save_pretrained(version_dir / TOKENIZER_DIR)
     serving.save(version_dir)
     inputs, outputs = configs.generate_tensors()
@@ -99,7 +161,8 @@ def write_repository(
         "t5_generate",
         inputs,
         outputs,
-        name=GENERATE_MODEL,
+        name=name,
+        decoupled="true" if decoupled else "false",
         max_batch_size=serving.max_batch_size,
         queue_delay_us=options.queue_delay_us,
         max_queue_size=options.max_queue_size,
@@ -109,4 +172,4 @@ def write_repository(
         decoder_model=DECODER_MODEL,
         force_cpu_only_inputs="no" if gpu else "yes",
     )
-    (repo / GENERATE_MODEL / "config.pbtxt").write_text(text)
+    (repo / name / "config.pbtxt").write_text(text)

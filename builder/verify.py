@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from t5_triton.model_repository.t5_runtime import spec
-from t5_triton.model_repository.t5_runtime.decoder_state import T5DecoderState
+from t5_triton.model_repository.t5_runtime.batch_cache import BatchCache
 from t5_triton.model_repository.t5_runtime.generator import T5Generator
 from t5_triton.model_repository.t5_runtime.onnx_runner import TorchSession, create_session, run_numpy
 from t5_triton.model_repository.t5_runtime.params import GenerationParams
@@ -42,6 +42,9 @@ TOLERANCES = {
     "float32": Tolerance(max_abs=1e-4, rel=1e-5),
     # Sanity bounds only (a broken graph is off by ~100%); int8 quality is judged by token agreement.
     "int8": Tolerance(max_abs=0.5, rel=0.3),
+    # fp16 keeps 11 significant bits (4.9e-4 relative); through the layers that is ~2e-3 (random-t5-small,
+    # emulated fp16), 10x under these bounds. An overflow gives inf/NaN or an error near 100%.
+    "fp16": Tolerance(max_abs=0.05, rel=0.02),
 }
 
 # Varied prompts: different lengths give padded batches and, on a non-degenerate model, varied outputs.
@@ -81,7 +84,7 @@ def compare_arrays(name: str, actual: np.ndarray, expected: np.ndarray, tol: Tol
 
 
 def _np(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in tensors.items()}
+    return {k: v.contiguous().numpy() for k, v in tensors.items()}
 
 
 def check_encoder(model, session: ort.InferenceSession, tol: Tolerance) -> list[CheckResult]:
@@ -104,7 +107,9 @@ def check_decoder_branches(model, session: ort.InferenceSession, tol: Tolerance)
     cached = CachedStepDecoderGraph(model).eval()
     with torch.inference_mode():
         expected_first = first(x["decoder_input_ids"], x["encoder_hidden_states"], x["attention_mask"])
-        expected_cached = cached(x["decoder_input_ids"], x["attention_mask"], x["past_self_kv"], x["cross_kv"])
+        expected_cached = cached(
+            x["decoder_input_ids"], x["attention_mask"], x["past_self_kv"], x["cross_kv"], x["decoder_attention_mask"]
+        )
     common = {spec.DECODER_INPUT_IDS: x["decoder_input_ids"], spec.DECODER_ENCODER_MASK: x["attention_mask"]}
     no_kv = torch.empty(dims.kv_shape(3, 0))
     out_first = run_numpy(
@@ -116,6 +121,7 @@ def check_decoder_branches(model, session: ort.InferenceSession, tol: Tolerance)
                 spec.ENCODER_HIDDEN_STATES: x["encoder_hidden_states"],
                 spec.PAST_SELF_KV: no_kv,
                 spec.CROSS_KV: no_kv,
+                spec.DECODER_SELF_MASK: torch.ones((3, 1), dtype=torch.int64),
             }
         ),
     )
@@ -128,6 +134,7 @@ def check_decoder_branches(model, session: ort.InferenceSession, tol: Tolerance)
                 spec.ENCODER_HIDDEN_STATES: torch.empty(3, 0, dims.d_model),
                 spec.PAST_SELF_KV: x["past_self_kv"],
                 spec.CROSS_KV: x["cross_kv"],
+                spec.DECODER_SELF_MASK: x["decoder_attention_mask"],
             }
         ),
     )
@@ -139,6 +146,7 @@ def check_decoder_branches(model, session: ort.InferenceSession, tol: Tolerance)
         compare_arrays(f"decoder cache branch: {name}", out_cached[name], ref.numpy(), tol)
         for name, ref in zip((spec.LOGITS, spec.NEW_SELF_KV), expected_cached, strict=True)
     ]
+    results.append(_check_left_padding(session, x, out_cached[spec.LOGITS], dims, tol))
     re_emitted = out_cached[spec.NEW_CROSS_KV].size
     results.append(
         CheckResult(
@@ -151,6 +159,29 @@ def check_decoder_branches(model, session: ort.InferenceSession, tol: Tolerance)
     return results
 
 
+def _check_left_padding(session, x: dict, padded_logits: np.ndarray, dims: spec.ModelDims, tol) -> CheckResult:
+    """Each row of a left-padded cached step alone, its past unpadded: the logits must not change.
+
+    This is what lets requests at different steps share one decoder call (in-flight batching).
+    """
+    alone = []
+    for row, mask in enumerate(x["decoder_attention_mask"]):
+        past = int(mask.sum()) - 1
+        feeds = {
+            spec.USE_CACHE_BRANCH: torch.tensor([True]),
+            spec.DECODER_INPUT_IDS: x["decoder_input_ids"][row : row + 1],
+            spec.ENCODER_HIDDEN_STATES: torch.empty(1, 0, dims.d_model),
+            spec.DECODER_ENCODER_MASK: x["attention_mask"][row : row + 1],
+            spec.PAST_SELF_KV: x["past_self_kv"][:, :, row : row + 1, :, x["past_self_kv"].shape[4] - past :],
+            spec.CROSS_KV: x["cross_kv"][:, :, row : row + 1],
+            spec.DECODER_SELF_MASK: torch.ones((1, past + 1), dtype=torch.int64),
+        }
+        alone.append(run_numpy(session, _np(feeds))[spec.LOGITS])
+    return compare_arrays(
+        "decoder cache branch: left-padded rows == each row alone", padded_logits, np.concatenate(alone), tol
+    )
+
+
 def check_chain(model, tokenizer, encoder: ort.InferenceSession, decoder: ort.InferenceSession, tol) -> CheckResult:
     """Teacher-forced steps through the exported graphs vs one transformers forward pass."""
     dims = spec.ModelDims.from_hf(model.config, model.generation_config)
@@ -161,8 +192,11 @@ def check_chain(model, tokenizer, encoder: ort.InferenceSession, decoder: ort.In
     with torch.inference_mode():
         expected = model(**batch, decoder_input_ids=targets).logits.numpy()
     states = run_numpy(encoder, _np(dict(batch)))[spec.ENCODER_HIDDEN_STATES]
-    decoder_state = T5DecoderState(TorchSession(decoder), dims, torch.from_numpy(states), batch["attention_mask"])
-    actual = np.stack([decoder_state.step(targets[:, t]).numpy() for t in range(targets.shape[1])], axis=1)
+    cache = BatchCache(TorchSession(decoder), dims)
+    first = cache.first_step(targets[:, 0], torch.from_numpy(states), batch["attention_mask"])
+    cache.add(first[spec.NEW_SELF_KV], first[spec.NEW_CROSS_KV], batch["attention_mask"])
+    steps = [first[spec.LOGITS]] + [cache.step(targets[:, t]) for t in range(1, targets.shape[1])]
+    actual = torch.stack(steps, dim=1).numpy()
     return compare_arrays("encoder + decoder steps vs transformers forward", actual, expected, tol)
 
 

@@ -165,6 +165,115 @@ def _print_table(report: dict, config: BenchConfig, console: Console) -> None:
     console.print(table)
 
 
+@dataclass(frozen=True)
+class LoadConfig:
+    repository: str
+    levels: tuple[int, ...] = (1, 4, 16)
+    duration_s: float = 20.0
+    input_tokens: int = 32
+    new_tokens: int = 64
+
+
+_STREAM_TEXT = "summarize: The quick brown fox jumps over the lazy dog while the farmer watches from the porch."
+
+
+def _client_loop(url: str, inputs: list[int], new_tokens: int, stop_at: float) -> list[float]:
+    """One client: greedy requests back to back until `stop_at`; the latency of each."""
+    from t5_triton.client.api import T5Client
+
+    latencies = []
+    params = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    with T5Client(url, "grpc") as client:
+        client.generate(input_ids=[inputs], **params)  # warm-up, not counted
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            client.generate(input_ids=[inputs], **params)
+            latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+def _first_piece_s(url: str, new_tokens: int, runs: int = 5) -> float:
+    """Median time from sending a streamed greedy request to its first piece (one client, after a warm-up)."""
+    from t5_triton.client.stream import stream_generate
+
+    times = []
+    for _ in range(runs + 1):
+        start = time.perf_counter()
+        pieces = stream_generate(url, _STREAM_TEXT, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        next(pieces)
+        times.append(time.perf_counter() - start)
+        list(pieces)  # to the end: the next run starts on an idle server
+    return statistics.median(times[1:])
+
+
+def run_concurrency(config: LoadConfig, console: Console, output_json: Path | None = None) -> dict:
+    """Throughput and latency of the served path (gRPC, greedy) at each number of concurrent clients."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from t5_triton.model_repository.t5_runtime.spec import ServingSpec
+    from t5_triton.server import Ports, TritonServer
+
+    serving = ServingSpec.load(Path(config.repository) / "t5_generate" / "1")
+    vocab = min(serving.dims.vocab_size, 32000)
+    levels = {}
+    log_file = Path(tempfile.gettempdir()) / "t5-triton-bench-server.log"
+    with TritonServer(Path(config.repository), Ports.free(), log_file=log_file) as server:
+        streaming = (Path(config.repository) / "t5_generate_stream").is_dir()
+        first_piece = _first_piece_s(server.grpc_url, config.new_tokens) if streaming else None
+        for clients in config.levels:
+            console.print(f"{clients} concurrent clients for {config.duration_s:.0f} s")
+            inputs = make_inputs(clients, config.input_tokens, vocab)
+            start = time.perf_counter()
+            stop_at = start + config.duration_s
+            with ThreadPoolExecutor(clients) as pool:
+                futures = [
+                    pool.submit(_client_loop, server.grpc_url, row, config.new_tokens, stop_at) for row in inputs
+                ]
+                runs = [future.result() for future in futures]
+            wall = time.perf_counter() - start
+            latencies = sorted(t for run in runs for t in run)
+            levels[clients] = {
+                "requests": len(latencies),
+                "tokens_per_s": len(latencies) * config.new_tokens / wall,
+                "p50_s": statistics.median(latencies),
+                "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+            }
+    report = {"config": asdict(config), "first_streamed_piece_s": first_piece, "levels": levels}
+    _print_concurrency(report, console)
+    if output_json:
+        output_json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _print_concurrency(report: dict, console: Console) -> None:
+    config, levels = report["config"], report["levels"]
+    base = levels[min(levels)]
+    table = Table(
+        title=f"served over gRPC, greedy, {config['input_tokens']} input tokens, {config['new_tokens']} forced new "
+        "tokens per request, each client sending back to back"
+    )
+    for column in ("clients", "requests", "tokens/s", "vs 1 client", "p50 latency", "p95 latency", "p95 vs 1 client"):
+        table.add_column(column, justify="right")
+    for clients, level in levels.items():
+        table.add_row(
+            str(clients),
+            str(level["requests"]),
+            f"{level['tokens_per_s']:.0f}",
+            f"{level['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+            f"{level['p50_s']:.3f} s",
+            f"{level['p95_s']:.3f} s",
+            f"{level['p95_s'] / base['p95_s']:.2f}x",
+        )
+    console.print(table)
+    if report["first_streamed_piece_s"] is not None:
+        step = base["p50_s"] / config["new_tokens"]
+        first = report["first_streamed_piece_s"]
+        console.print(
+            f"first streamed piece (greedy, 1 client): {first * 1000:.1f} ms = {first / step:.2f} decoding steps "
+            f"of {step * 1000:.1f} ms (one client's p50 latency / new tokens)"
+        )
+
+
 def _worker_main(payload: str) -> None:
     data = json.loads(payload)
     config = BenchConfig(**{**data["config"], "cells": tuple(data["config"]["cells"])})

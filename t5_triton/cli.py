@@ -54,10 +54,11 @@ def _add_build(subparsers) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=("fp32", "int8"),
+        choices=("fp32", "fp16", "int8"),
         default="fp32",
         help="fp32: equal to transformers token for token; int8 (cpu target): weights quantized, smaller and "
-        "measured against fp32 before the build succeeds",
+        "measured against fp32 before the build succeeds; fp16 (meant for GPUs, verified here on CPU): nodes "
+        "whose values leave the fp16 range on sample inputs stay fp32, measured against fp32 likewise",
     )
     p.add_argument(
         "--min-token-match",
@@ -76,7 +77,10 @@ def _add_build(subparsers) -> None:
     )
     limits.add_argument("--max-num-beams", type=_positive, default=8, help="most beams a request may ask")
     limits.add_argument(
-        "--max-batch-size", type=_positive, default=8, help="t5_generate's max_batch_size (dynamic batching)"
+        "--max-batch-size",
+        type=_positive,
+        default=8,
+        help="most inputs per request; max-batch-size x max-num-beams rows decode at once (in-flight batching)",
     )
     serving = p.add_argument_group("serving")
     serving.add_argument("--instances", type=_positive, default=1, help="t5_generate instances")
@@ -97,7 +101,44 @@ def _add_build(subparsers) -> None:
         default=64,
         help="requests waiting for t5_generate beyond this are refused at once with UNAVAILABLE (0: no limit)",
     )
+    gpu = p.add_argument_group("gpu target: the TensorRT encoder (see the README's GPU run book)")
+    gpu.add_argument(
+        "--engine-precision",
+        choices=("bf16", "fp16", "fp32"),
+        default=argparse.SUPPRESS,  # the help says the default; unset tells a cpu build it was not given
+        help="the encoder engine's precision (default bf16: needs an Ampere or newer GPU; fp16 keeps the layers "
+        "that overflow in fp32; fp32 is IEEE fp32, no TF32). Measured against the fp32 ONNX encoder",
+    )
+    gpu.add_argument(
+        "--encoder-batch",
+        metavar="MIN:OPT:MAX",
+        default=argparse.SUPPRESS,
+        help="the engine's optimization profile for inputs per encoder call (default 1:4:N, N = "
+        "--max-batch-size x --max-num-beams, the most inputs t5_generate encodes at once; MAX must cover N)",
+    )
+    gpu.add_argument(
+        "--encoder-tokens",
+        metavar="MIN:OPT:MAX",
+        default=argparse.SUPPRESS,
+        help="the profile for tokens per input (default 1:128:--max-input-tokens; MAX must cover it)",
+    )
     p.set_defaults(run=_run_build)
+
+
+def _engine_options(args: argparse.Namespace):
+    from t5_triton.builder.gpu_target import DEFAULT_ENGINE_PRECISION, EngineOptions, ShapeRange
+
+    given = {flag: getattr(args, flag, None) for flag in ("engine_precision", "encoder_batch", "encoder_tokens")}
+    given = {flag: value for flag, value in given.items() if value is not None}
+    if given and args.target != "gpu":
+        flags = ", ".join("--" + flag.replace("_", "-") for flag in given)
+        raise BuildError(f"{flags}: only for --target gpu")
+    batch, tokens = given.get("encoder_batch"), given.get("encoder_tokens")
+    return EngineOptions(
+        precision=given.get("engine_precision", DEFAULT_ENGINE_PRECISION),
+        batch=ShapeRange.parse(batch, "--encoder-batch") if batch else None,
+        tokens=ShapeRange.parse(tokens, "--encoder-tokens") if tokens else None,
+    )
 
 
 def _run_build(args: argparse.Namespace) -> int:
@@ -127,6 +168,7 @@ def _run_build(args: argparse.Namespace) -> int:
             queue_delay_us=args.queue_delay_us,
             max_queue_size=args.max_queue_size,
         ),
+        engine=_engine_options(args),
     )
     build(options, _console)
     return 0
@@ -204,8 +246,9 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--file", type=Path, help="read inputs from this file, one per line")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
     p.add_argument("--url", help="server address (default localhost:8000 for http, localhost:8001 for grpc)")
-    p.add_argument("--model", default="t5_generate", help="model name on the server")
+    p.add_argument("--model", help="model name on the server (default t5_generate, with --stream t5_generate_stream)")
     p.add_argument("--batch-size", type=_positive, default=8, help="inputs sent per request")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated, one input at a time")
     p.add_argument("--json", action="store_true", help="print one JSON object per input, for scripts")
     params = p.add_argument_group("generation parameters (as in transformers.generate)")
     python_types = {"TYPE_INT32": int, "TYPE_INT64": int, "TYPE_FP32": float}
@@ -233,7 +276,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise BuildError("give input texts as arguments or with --file")
     params = {name: getattr(args, name) for name in args.parameter_names}
     try:
-        with T5Client(args.url, args.protocol, args.model) as client:
+        if args.stream:
+            return _stream_texts(texts, args, params)
+        with T5Client(args.url, args.protocol, args.model or "t5_generate") as client:
             for start in range(0, len(texts), args.batch_size):
                 chunk = texts[start : start + args.batch_size]
                 for text, result in zip(chunk, client.generate(chunk, **params), strict=True):
@@ -247,6 +292,29 @@ def _run_generate(args: argparse.Namespace) -> int:
     except (ConnectionError, OSError) as err:
         _console.print(f"[bold red]cannot reach the server[/] at {args.url or args.protocol + ' default'}: {err}")
         return 1
+    return 0
+
+
+def _stream_texts(texts: list[str], args: argparse.Namespace, params: dict) -> int:
+    import json
+
+    from rich.markup import escape
+
+    from t5_triton.client.api import DEFAULT_URLS
+    from t5_triton.client.stream import STREAM_MODEL, stream_generate
+
+    url = args.url or DEFAULT_URLS[args.protocol]
+    out = Console(highlight=False)
+    for text in texts:
+        if not args.json:
+            out.print(f"[bold]>[/] {escape(text)}\n  ", end="")
+        for piece in stream_generate(url, text, protocol=args.protocol, model=args.model or STREAM_MODEL, **params):
+            if args.json:
+                print(json.dumps({"input": text, **piece.__dict__}), flush=True)
+            else:
+                out.print(escape(piece.text), end="")
+                if piece.final:
+                    out.print(f" [dim](score {piece.score:.3f})[/]")
     return 0
 
 
@@ -296,11 +364,19 @@ def _add_bench(subparsers) -> None:
     p.add_argument("--threads", type=_positive, default=2, help="torch threads of the transformers engine")
     p.add_argument("--cells", nargs="+", default=[c.name for c in CELLS], choices=[c.name for c in CELLS])
     p.add_argument("--json", type=Path, help="also write the medians and every sample here")
+    p.add_argument(
+        "--concurrency",
+        type=_positive,
+        nargs="+",
+        help="instead of the engine table: throughput and latency of the served path at these numbers of "
+        "concurrent clients (e.g. 1 4 16), and the time to the first streamed token",
+    )
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per --concurrency level")
     p.set_defaults(run=_run_bench)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from t5_triton.bench import BenchConfig, run_bench
+    from t5_triton.bench import BenchConfig, LoadConfig, run_bench, run_concurrency
     from t5_triton.builder.build import BuildOptions, build
     from t5_triton.builder.presets import is_preset, make_preset
 
@@ -312,6 +388,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     if repository is None:  # built fresh: a repository left by older code would measure that code
         repository = work / "repo"
         build(BuildOptions(model=checkpoint, output=repository, force=True), _console)
+    if args.concurrency:
+        load = LoadConfig(str(repository), tuple(args.concurrency), args.duration, args.input_tokens, args.new_tokens)
+        run_concurrency(load, _console, args.json)
+        return 0
     config = BenchConfig(
         checkpoint=checkpoint,
         repository=str(repository),
@@ -343,7 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except BuildError as err:
-        _console.print(f"[bold red]error:[/] {err}")
+        from rich.markup import escape
+
+        # Escaped: messages hold brackets rich would take for markup (e.g. pip install 't5-triton[gpu]').
+        _console.print(f"[bold red]error:[/] {escape(str(err))}")
         return 2
     except KeyboardInterrupt:
         return 130

@@ -51,7 +51,7 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def _mapped_shm_regions(pids: list[int]) -> set[str]:
+def mapped_shm_regions(pids: list[int]) -> set[str]:
     """The python backend's shared-memory files these processes have mapped."""
     regions = set()
     for pid in pids:
@@ -212,7 +212,7 @@ class TritonServer:
         process, self.process = self.process, None
         code = None
         if process is not None:
-            regions = _mapped_shm_regions(process_tree(process.pid))
+            regions = mapped_shm_regions(process_tree(process.pid))
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
             try:

@@ -1,4 +1,4 @@
-"""One generate call: pad the inputs, run the encoder once, then the search over the decoder.
+"""One generate call on an `Engine` of its own: the builder's checks run the serving code this way.
 
 Device-agnostic: the encoder and decoder are callables on torch tensors (ONNX Runtime in process for
 the builder's checks, BLS calls in the server), on whatever device `device` names.
@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from . import spec
-from .decoder_state import ModelCall, T5DecoderState
+from .batch_cache import ModelCall
+from .engine import Engine, Job
 from .params import GenerationParams
-from .search import GenerationOutput, SpecialTokens, generate
+from .search import GenerationOutput
 
 
 class T5Generator:
@@ -22,26 +23,19 @@ class T5Generator:
         self.decoder = decoder
         self.dims = dims
         self.device = torch.device(device)
-        self.special = SpecialTokens(dims.decoder_start_token_id, dims.eos_token_id, dims.pad_token_id)
-
-    def pad(self, token_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad to the longest row, as the Hugging Face tokenizer pads T5 inputs."""
-        longest = max(len(row) for row in token_rows)
-        ids = torch.full((len(token_rows), longest), self.dims.pad_token_id, dtype=torch.int64)
-        mask = torch.zeros((len(token_rows), longest), dtype=torch.int64)
-        for i, row in enumerate(token_rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
-            mask[i, : len(row)] = 1
-        return ids.to(self.device), mask.to(self.device)
 
     def __call__(self, token_rows: list[list[int]], params: GenerationParams) -> GenerationOutput:
-        ids, mask = self.pad(token_rows)
-        return self.run(ids, mask, params)
+        job = Job(token_rows, params)
+        engine = Engine(self.encoder, self.decoder, self.dims, job.peak_rows, self.device)
+        engine.submit(job)
+        while True:
+            for event in engine.step():
+                if event.error is not None:
+                    raise event.error
+                if event.output is not None:
+                    return event.output
 
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: GenerationParams):
-        encoded = self.encoder(
-            {spec.ENCODER_INPUT_IDS: input_ids, spec.ENCODER_ATTENTION_MASK: attention_mask},
-            (spec.ENCODER_HIDDEN_STATES,),
-        )
-        state = T5DecoderState(self.decoder, self.dims, encoded[spec.ENCODER_HIDDEN_STATES], attention_mask)
-        return generate(state, input_ids.shape[0], params, self.special, self.device)
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: GenerationParams) -> GenerationOutput:
+        """From a padded batch (as a Hugging Face tokenizer returns it)."""
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        return self(rows, params)

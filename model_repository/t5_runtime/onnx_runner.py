@@ -37,7 +37,7 @@ def run_numpy(
 
 
 class TorchSession:
-    """Calls a session with torch CPU tensors, as `T5DecoderState` expects of a decoder."""
+    """Calls a session with torch CPU tensors, as `BatchCache` expects of a decoder."""
 
     def __init__(self, session: ort.InferenceSession):
         self.session = session

@@ -10,6 +10,7 @@ step synchronizes with the host once (to know whether to stop or drop rows).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,12 +23,8 @@ from .processors import ProcessorChain, build_processors
 _EXCLUDED = -1.0e9
 
 
-class DecoderState(Protocol):
-    """Decoder + its KV cache for `rows` sequences; starts with one row per input (encoder already run)."""
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: int64 [rows] (the last token of each row) -> float32 logits [rows, vocab] for the next token."""
-        ...
+class RowState(Protocol):
+    """The per-row decoder state (KV cache, encoder mask) of one search; starts with one row per input."""
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep/repeat rows of ALL per-row state (self-attention cache, cross-attention cache, encoder mask):
@@ -38,6 +35,14 @@ class DecoderState(Protocol):
     def reorder_beams(self, rows: torch.Tensor) -> None:
         """Like select, but rows[i] always belongs to the same input as row i: only the self-attention cache
         moves (cross-attention state is identical within an input's beams, so it is never copied)."""
+        ...
+
+
+class DecoderState(RowState, Protocol):
+    """A `RowState` that runs the decoder itself (one search alone)."""
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: int64 [rows] (the last token of each row) -> float32 logits [rows, vocab] for the next token."""
         ...
 
 
@@ -85,6 +90,44 @@ def trim_sequence(ids: list[int], eos: int = 1, pad: int = 0) -> list[int]:
     return ids[:end]
 
 
+@dataclass(frozen=True)
+class Step:
+    """What a search needs next: logits for `tokens` (int64 [rows], the last token of each row).
+
+    `decided()` gives, per output sequence, the generated tokens that can no longer change (start token
+    excluded; for greedy/sampling every token so far, up to EOS; for beam search the prefix all live
+    hypotheses share). Streaming reads it; nothing else pays for it.
+    """
+
+    tokens: torch.Tensor
+    decided: Callable[[], list[list[int]]]
+
+
+# A search as a coroutine: yields a `Step`, is sent the float32 logits [rows, vocab] of those tokens, and
+# returns the `GenerationOutput`. Between steps it moves rows through its `RowState`.
+Search = Generator[Step, torch.Tensor, GenerationOutput]
+
+
+def _nothing_decided() -> list[list[int]]:
+    return []
+
+
+def search(
+    rows: RowState, batch_size: int, params: GenerationParams, special: SpecialTokens, device: torch.device | str
+) -> Search:
+    """Decode `batch_size` inputs whose encoder outputs `rows` holds (one row each).
+
+    `params` must have passed `GenerationParams.validate`. `device` is where the first decoder tokens are
+    created; all later bookkeeping follows the device of the logits sent in.
+    """
+    processors = build_processors(params, special.eos_token_id)
+    start = torch.full((batch_size,), special.decoder_start_token_id, dtype=torch.long, device=device)
+    logits = (yield Step(start, _nothing_decided)).float()
+    if params.is_beam_search:
+        return (yield from _beam_search(rows, logits, params, special, processors))
+    return (yield from _greedy_or_sample(rows, logits, params, special, processors))
+
+
 def generate(
     state: DecoderState,
     batch_size: int,
@@ -92,29 +135,26 @@ def generate(
     special: SpecialTokens,
     device: torch.device | str = "cpu",
 ) -> GenerationOutput:
-    """Decode `batch_size` inputs whose encoder outputs `state` holds (one row each).
-
-    `params` must have passed `GenerationParams.validate`. `device` is where the first decoder tokens are
-    created; all later bookkeeping follows the device of the logits `state.step` returns.
-    """
-    processors = build_processors(params, special.eos_token_id)
-    start = torch.full((batch_size,), special.decoder_start_token_id, dtype=torch.long, device=device)
-    logits = state.step(start).float()
-    if params.is_beam_search:
-        return _beam_search(state, logits, params, special, processors)
-    return _greedy_or_sample(state, logits, params, special, processors)
+    """`search` alone, run to the end on a decoder of its own."""
+    running = search(state, batch_size, params, special, device)
+    step = next(running)
+    while True:
+        try:
+            step = running.send(state.step(step.tokens))
+        except StopIteration as finished:
+            return finished.value
 
 
 # --- greedy and sampling (HF `_sample`) ----------------------------------------------------------------------
 
 
 def _greedy_or_sample(
-    state: DecoderState,
+    state: RowState,
     logits: torch.Tensor,
     params: GenerationParams,
     special: SpecialTokens,
     processors: ProcessorChain,
-) -> GenerationOutput:
+) -> Search:
     device = logits.device
     copies = params.num_return_sequences
     if copies > 1:
@@ -145,9 +185,20 @@ def _greedy_or_sample(
             keep = running.nonzero().squeeze(1)
             state.select(keep)
             live, history, tokens = live[keep], history[keep], tokens[keep]
-        logits = state.step(tokens).float()
+        logits = (yield Step(tokens, _prefix_of(generated, step + 1, special.eos_token_id))).float()
     start = torch.full((rows, 1), special.decoder_start_token_id, dtype=torch.long, device=device)
     return GenerationOutput(torch.cat([start, generated[:, : step + 1]], dim=1), scores)
+
+
+def _prefix_of(generated: torch.Tensor, length: int, eos: int) -> Callable[[], list[list[int]]]:
+    def decided() -> list[list[int]]:
+        return [_up_to_eos(row, eos) for row in generated[:, :length].tolist()]
+
+    return decided
+
+
+def _up_to_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
 def _argmax(scores: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -235,12 +286,12 @@ class _Candidates:
 
 
 def _beam_search(
-    state: DecoderState,
+    state: RowState,
     logits: torch.Tensor,
     params: GenerationParams,
     special: SpecialTokens,
     processors: ProcessorChain,
-) -> GenerationOutput:
+) -> Search:
     device = logits.device
     batch_size, num_beams = logits.shape[0], params.num_beams
     # HF `_beam_search` `output_fill_value = pad_token_id or eos_token_id[0]`: a pad id of 0 is falsy, so
@@ -252,7 +303,8 @@ def _beam_search(
     out_lengths = torch.zeros((batch_size, num_beams), dtype=torch.long, device=device)
     for generated in range(1, params.max_new_tokens + 1):
         if generated > 1:
-            logits = state.step(beams.history[:, :, -1].reshape(-1)).float()
+            decided = _beam_prefixes(beams, out_tokens, out_lengths, special.eos_token_id)
+            logits = (yield Step(beams.history[:, :, -1].reshape(-1), decided)).float()
         last = generated == params.max_new_tokens
         candidates = _top_continuations(beams, logits, processors, num_beams, special.eos_token_id, last)
         width = beams.history.shape[1]
@@ -278,6 +330,32 @@ def _beam_search(
         else:
             state.reorder_beams(rows.reshape(-1))
     return _beam_output(out_tokens, out_scores, out_lengths, params.num_return_sequences)
+
+
+def _beam_prefixes(
+    beams: _Beams, out_tokens: torch.Tensor, out_lengths: torch.Tensor, eos: int
+) -> Callable[[], list[list[int]]]:
+    """Per input, the generated tokens its best hypothesis has whatever happens next: all of a finished
+    input's best one, else the prefix every running beam and every kept finished hypothesis share (the
+    answer is one of those or a continuation of a running beam)."""
+
+    def decided() -> list[list[int]]:
+        prefixes = [
+            _up_to_eos(row[1 : 1 + length], eos)
+            for row, length in zip(out_tokens[:, 0].tolist(), out_lengths[:, 0].tolist(), strict=True)
+        ]
+        history = beams.history[:, :, 1:]
+        finals = beams.final_tokens[:, :, 1:]  # as long as the history: both grow by one per step
+        same = (history == history[:, :1]).all(dim=1)
+        same &= ((finals == history[:, :1]) | ~beams.final_filled[:, :, None]).all(dim=1)
+        shared = same.to(torch.int64).cumprod(dim=1).sum(dim=1)
+        for index, prefix_length, tokens in zip(
+            beams.inputs.tolist(), shared.tolist(), history[:, 0].tolist(), strict=True
+        ):
+            prefixes[index] = tokens[:prefix_length]
+        return prefixes
+
+    return decided
 
 
 def _top_continuations(

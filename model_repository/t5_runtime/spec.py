@@ -24,6 +24,10 @@ DECODER_INPUT_IDS = "decoder_input_ids"  # int64 [rows, 1]
 DECODER_ENCODER_MASK = "encoder_attention_mask"  # int64 [rows, src_len], every step
 PAST_SELF_KV = "past_self_kv"  # float [layers, 2, rows, heads, past_len, d_kv]; past_len 0 on step 1
 CROSS_KV = "cross_kv"  # float [layers, 2, rows, heads, src_len, d_kv]; empty on step 1
+# int64 [rows, past_len + 1], 1 = a real position (the last is the new token). Rows whose pasts differ
+# in length share one call with their pasts left-padded: T5's relative position bias depends only on
+# key - query, which left padding keeps. Read by the cached branch only.
+DECODER_SELF_MASK = "decoder_attention_mask"
 LOGITS = "logits"  # float32 [rows, vocab] for the new position only
 NEW_SELF_KV = "new_self_kv"  # float [layers, 2, rows, heads, 1, d_kv]: only the new position
 NEW_CROSS_KV = "new_cross_kv"  # float [layers, 2, rows, heads, src_len, d_kv] on step 1, empty after
@@ -35,6 +39,7 @@ DECODER_INPUTS = (
     DECODER_ENCODER_MASK,
     PAST_SELF_KV,
     CROSS_KV,
+    DECODER_SELF_MASK,
 )
 DECODER_OUTPUTS = (LOGITS, NEW_SELF_KV, NEW_CROSS_KV)
 

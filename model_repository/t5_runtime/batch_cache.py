@@ -1,0 +1,149 @@
+"""The KV cache of every row decoded together, kept in torch tensors on the model's device.
+
+Rows of many requests share one decoder call per step even when they started at different steps:
+their self-attention pasts are left-padded to one length and `decoder_attention_mask` marks the real
+positions (T5's relative position bias depends only on key - query, which left padding keeps: the
+build checks it). Their encoder outputs are right-padded to one length, as a padded batch is.
+
+Inputs that stay the same from step to step (cross K/V, encoder mask, placeholders) are passed as
+the same objects, so a BLS caller sends them without copying them again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.nn import functional
+
+from . import spec
+
+# Runs a model: named input tensors and the names of the outputs wanted -> those outputs.
+ModelCall = Callable[[dict[str, torch.Tensor], Sequence[str]], dict[str, torch.Tensor]]
+_CACHED_STEP_OUTPUTS = (spec.LOGITS, spec.NEW_SELF_KV)  # the cross K/V are already here
+
+
+def _pad_axis(tensor: torch.Tensor, axis: int, before: int, after: int) -> torch.Tensor:
+    """Zero-pad `tensor` along `axis`."""
+    if before == after == 0:
+        return tensor
+    widths = [0, 0] * (tensor.dim() - 1 - axis) + [before, after]
+    return functional.pad(tensor, widths)
+
+
+def _is_identity(index: torch.Tensor, rows: int) -> bool:
+    return index.shape[0] == rows and bool((index == torch.arange(rows, device=index.device)).all())
+
+
+class BatchCache:
+    def __init__(self, call_decoder: ModelCall, dims: spec.ModelDims, device: torch.device | str = "cpu"):
+        self._call = call_decoder
+        self._dims = dims
+        self._device = torch.device(device)
+        self._use_cache = torch.tensor([True], device=self._device)
+        self._no_cache = torch.tensor([False], device=self._device)
+        self._no_states: torch.Tensor | None = None
+        self.self_kv: torch.Tensor | None = None  # [layers, 2, rows, heads, past, d_kv], left-padded
+        self.self_mask: torch.Tensor | None = None  # int64 [rows, past]
+        self.cross_kv: torch.Tensor | None = None  # [layers, 2, rows, heads, src, d_kv], right-padded
+        self.cross_mask: torch.Tensor | None = None  # int64 [rows, src]
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.self_kv is None else self.self_kv.shape[spec.KV_ROW_AXIS]
+
+    def first_step(
+        self, tokens: torch.Tensor, encoder_states: torch.Tensor, encoder_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The first step of new rows (not in the cache): logits, their self K/V and their cross K/V."""
+        rows = tokens.shape[0]
+        no_kv = encoder_states.new_empty(self._dims.kv_shape(rows, 0))
+        return self._call(
+            {
+                spec.USE_CACHE_BRANCH: self._no_cache,
+                spec.DECODER_INPUT_IDS: tokens.to(torch.int64).view(rows, 1),
+                spec.ENCODER_HIDDEN_STATES: encoder_states,
+                spec.DECODER_ENCODER_MASK: encoder_mask.to(torch.int64),
+                spec.PAST_SELF_KV: no_kv,
+                spec.CROSS_KV: no_kv,
+                spec.DECODER_SELF_MASK: torch.ones((rows, 1), dtype=torch.int64, device=tokens.device),
+            },
+            spec.DECODER_OUTPUTS,
+        )
+
+    def add(self, self_kv: torch.Tensor, cross_kv: torch.Tensor, cross_mask: torch.Tensor) -> None:
+        """Append rows after their first step (self K/V of length 1) below the rows already here."""
+        new_mask = torch.ones((self_kv.shape[spec.KV_ROW_AXIS], 1), dtype=torch.int64, device=self_kv.device)
+        cross_mask = cross_mask.to(torch.int64)
+        if self.self_kv is None:
+            self.self_kv, self.self_mask, self.cross_kv, self.cross_mask = self_kv, new_mask, cross_kv, cross_mask
+            return
+        past = self.self_kv.shape[spec.KV_SEQ_AXIS]
+        self.self_kv = torch.cat([self.self_kv, _pad_axis(self_kv, spec.KV_SEQ_AXIS, past - 1, 0)], spec.KV_ROW_AXIS)
+        self.self_mask = torch.cat([self.self_mask, _pad_axis(new_mask, 1, past - 1, 0)], 0)
+        old_src, new_src = self.cross_mask.shape[1], cross_mask.shape[1]
+        src = max(old_src, new_src)
+        self.cross_kv = torch.cat(
+            [
+                _pad_axis(self.cross_kv, spec.KV_SEQ_AXIS, 0, src - old_src),
+                _pad_axis(cross_kv, spec.KV_SEQ_AXIS, 0, src - new_src),
+            ],
+            spec.KV_ROW_AXIS,
+        )
+        self.cross_mask = torch.cat(
+            [_pad_axis(self.cross_mask, 1, 0, src - old_src), _pad_axis(cross_mask, 1, 0, src - new_src)], 0
+        )
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One cached step of every row: tokens int64 [rows] -> logits [rows, vocab]."""
+        rows = tokens.shape[0]
+        if self._no_states is None or self._no_states.shape[0] != rows:
+            self._no_states = self.cross_kv.new_empty((rows, 0, self._dims.d_model))
+        mask = torch.cat([self.self_mask, self.self_mask.new_ones((rows, 1))], 1)
+        out = self._call(
+            {
+                spec.USE_CACHE_BRANCH: self._use_cache,
+                spec.DECODER_INPUT_IDS: tokens.to(torch.int64).view(rows, 1),
+                spec.ENCODER_HIDDEN_STATES: self._no_states,
+                spec.DECODER_ENCODER_MASK: self.cross_mask,
+                spec.PAST_SELF_KV: self.self_kv,
+                spec.CROSS_KV: self.cross_kv,
+                spec.DECODER_SELF_MASK: mask,
+            },
+            _CACHED_STEP_OUTPUTS,
+        )
+        self.self_kv = torch.cat([self.self_kv, out[spec.NEW_SELF_KV]], spec.KV_SEQ_AXIS)
+        self.self_mask = mask
+        return out[spec.LOGITS]
+
+    def take(self, self_rows: torch.Tensor, cross_rows: torch.Tensor) -> None:
+        """New row i = old row self_rows[i] for self-attention state and cross_rows[i] for the rest
+        (beams of one input share cross state, so a beam reorder moves only self K/V)."""
+        if self_rows.shape[0] == 0:
+            self.clear()
+            return
+        rows = self.rows
+        if not _is_identity(self_rows, rows):
+            self.self_kv = self.self_kv.index_select(spec.KV_ROW_AXIS, self_rows)
+            self.self_mask = self.self_mask.index_select(0, self_rows)
+        if not _is_identity(cross_rows, rows):
+            self.cross_kv = self.cross_kv.index_select(spec.KV_ROW_AXIS, cross_rows)
+            self.cross_mask = self.cross_mask.index_select(0, cross_rows)
+            self._trim()
+
+    def clear(self) -> None:
+        self.self_kv = self.self_mask = self.cross_kv = self.cross_mask = None
+
+    def _trim(self) -> None:
+        """Drop past positions no row uses any more (the longest request left) and encoder padding."""
+        used = self.self_mask.any(dim=0)
+        start = int(used.to(torch.int8).argmax())
+        if start:
+            self.self_kv = self.self_kv.narrow(spec.KV_SEQ_AXIS, start, used.shape[0] - start)
+            self.self_mask = self.self_mask[:, start:]
+        used = self.cross_mask.any(dim=0)
+        end = used.shape[0] - int(used.flip(0).to(torch.int8).argmax())
+        if end < used.shape[0]:
+            # Contiguous once here, rather than on every call that sends it.
+            self.cross_kv = self.cross_kv.narrow(spec.KV_SEQ_AXIS, 0, end).contiguous()
+            self.cross_mask = self.cross_mask[:, :end]
