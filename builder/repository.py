@@ -32,6 +32,8 @@ class ServingOptions:
     encoder_instances: int = 1
     decoder_instances: int = 1
     threads: int = 0  # ONNX Runtime intra-op threads per instance; 0 = one per core
+    # cpu target: t5_generate runs the decoder graph itself, so the KV cache never crosses processes
+    decoder_in_process: bool = True
     queue_delay_us: int = 0
     max_queue_size: int = 64  # requests waiting for t5_generate beyond this are refused (0: no limit)
 
@@ -51,11 +53,16 @@ def _install_model_code(version_dir: Path, source_module: str, *helpers: str) ->
     _copy_runtime(version_dir)
 
 
+def _move_graph(onnx_file: Path, version_dir: Path) -> None:
+    """The graph becomes model.onnx; an external-data file keeps the name the graph refers to it by."""
+    for part in onnx_file.parent.glob(onnx_file.name + "*"):
+        shutil.move(part, version_dir / ("model.onnx" if part == onnx_file else part.name))
+
+
 def _write_onnx_model(repo: Path, name: str, onnx_file: Path, tensors, options: ServingOptions, instances: int):
     version_dir = repo / name / VERSION
     _install_model_code(version_dir, "onnx_model.py")
-    for part in onnx_file.parent.glob(onnx_file.name + "*"):  # the graph and any external-data file
-        shutil.move(part, version_dir / part.name.replace(onnx_file.stem, "model", 1))
+    _move_graph(onnx_file, version_dir)
     inputs, outputs = tensors
     text = configs.render_config(
         "onnx_python", inputs, outputs, name=name, instances=instances, threads=options.threads
@@ -94,8 +101,7 @@ def _write_gpu_models(repo: Path, plan: EnginePlan, decoder_onnx: Path, serving:
 
     version_dir = repo / DECODER_MODEL / VERSION
     version_dir.mkdir(parents=True)
-    for part in decoder_onnx.parent.glob(decoder_onnx.name + "*"):  # the graph and any external-data file
-        shutil.move(part, version_dir / part.name.replace(decoder_onnx.stem, "model", 1))
+    _move_graph(decoder_onnx, version_dir)
     inputs, outputs = configs.decoder_tensors(dims, dtype)
     text = configs.render_config(
         "onnxruntime_gpu", inputs, outputs, name=DECODER_MODEL, instances=options.decoder_instances
@@ -171,5 +177,7 @@ def _write_generate_model(
         encoder_model=ENCODER_MODEL,
         decoder_model=DECODER_MODEL,
         force_cpu_only_inputs="no" if gpu else "yes",
+        decoder_onnx=f"{DECODER_MODEL}/{VERSION}/model.onnx" if options.decoder_in_process and not gpu else "",
+        decoder_threads=options.threads,
     )
     (repo / name / "config.pbtxt").write_text(text)

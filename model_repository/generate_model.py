@@ -23,7 +23,9 @@ from bls import BlsModel, SubModelError
 from metrics import ServingMetrics
 from tokenizers import Tokenizer
 
+from t5_runtime.batch_cache import ModelCall
 from t5_runtime.engine import Cancelled, Engine, Job
+from t5_runtime.onnx_runner import TorchSession, create_session
 from t5_runtime.request import (
     INPUT_NAMES,
     OUTPUT_IDS,
@@ -45,6 +47,16 @@ def _device(args: dict) -> torch.device:
     if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
         return torch.device("cuda", int(args.get("model_instance_device_id", 0)))
     return torch.device("cpu")
+
+
+def _decoder(params: dict[str, str], repository: Path, device: torch.device) -> ModelCall:
+    """The decoder as a BLS call, or (CPU, `decoder_onnx` set) its graph run in this process: a BLS call
+    copies the whole KV cache through shared memory twice per step, which on CPU costs more than the
+    decoder math at beam-search sizes."""
+    if params.get("decoder_onnx") and device.type == "cpu":
+        session = create_session(repository / params["decoder_onnx"], int(params["decoder_threads"]), spin=False)
+        return TorchSession(session)
+    return BlsModel(params["decoder_model"], device)
 
 
 def _error(message: str, code: int) -> pb_utils.InferenceResponse:
@@ -136,7 +148,7 @@ class TritonPythonModel:
         dims = self.serving.dims
         engine = Engine(
             BlsModel(params["encoder_model"], device),
-            BlsModel(params["decoder_model"], device),
+            _decoder(params, Path(args["model_repository"]).parent, device),
             dims,
             max_rows=self.serving.max_batch_size * self.serving.max_num_beams,
             device=device,

@@ -90,6 +90,13 @@ def _add_build(subparsers) -> None:
         "--threads", type=_non_negative, default=0, help="ONNX Runtime threads per instance (0: one per core)"
     )
     serving.add_argument(
+        "--decoder-in-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cpu target: t5_generate runs the decoder graph itself instead of a BLS call to t5_decoder per step "
+        "(the KV cache then never crosses processes: 2x faster at beam-search sizes)",
+    )
+    serving.add_argument(
         "--queue-delay-us",
         type=_non_negative,
         default=0,
@@ -165,6 +172,7 @@ def _run_build(args: argparse.Namespace) -> int:
             encoder_instances=args.encoder_instances,
             decoder_instances=args.decoder_instances,
             threads=args.threads,
+            decoder_in_process=args.decoder_in_process,
             queue_delay_us=args.queue_delay_us,
             max_queue_size=args.max_queue_size,
         ),

@@ -3,6 +3,8 @@ different steps and leave early each get exactly the output they get alone."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from t5_triton.builder.verify import SAMPLE_TEXTS
@@ -12,6 +14,7 @@ from t5_triton.model_repository.t5_runtime.generator import T5Generator
 from t5_triton.model_repository.t5_runtime.onnx_runner import TorchSession, create_session
 from t5_triton.model_repository.t5_runtime.params import GenerationParams
 from t5_triton.model_repository.t5_runtime.search import trim_sequence
+from t5_triton.model_repository.t5_runtime.worker import QueueFull, Worker
 
 MIXED = [
     GenerationParams(max_new_tokens=20),
@@ -125,3 +128,71 @@ def test_a_failing_decoder_fails_the_jobs_in_that_call_and_the_engine_goes_on(ti
     outputs, _, _ = _run(engine, {0: [again]})
     assert outputs[id(again)].output is not None
     assert engine.cache.rows == 0 and not engine.busy  # nothing left behind
+
+
+class _Collect:
+    """A `Listener` that keeps what it hears."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.output = self.error = None
+        self.pieces: list[list[list[int]]] = []
+
+    def progress(self, decided):
+        self.pieces.append(decided)
+
+    def finish(self, output):
+        self.output = output
+        self.done.set()
+
+    def fail(self, error):
+        self.error = error
+        self.done.set()
+
+    def cancelled(self):
+        return False
+
+
+def test_worker_answers_jobs_submitted_from_many_threads(tiny, models):
+    worker = Worker(Engine(*models[:3], max_rows=64)).start()
+    jobs = _jobs(tiny)
+    listeners = [_Collect() for _ in jobs]
+    threads = [threading.Thread(target=worker.submit, args=pair) for pair in zip(jobs, listeners, strict=True)]
+    for thread in threads:
+        thread.start()
+    for listener in listeners:
+        assert listener.done.wait(60)
+    worker.stop()
+    for job, listener in zip(jobs, listeners, strict=True):
+        assert listener.error is None
+        assert [trim_sequence(r) for r in listener.output.sequences.tolist()] == _alone(models, job)
+
+
+def _short_job(tiny) -> Job:
+    return Job([tiny.tokenizer(SAMPLE_TEXTS[0]).input_ids], GenerationParams(max_new_tokens=4))
+
+
+def test_worker_refuses_beyond_its_waiting_room(tiny, models):
+    worker = Worker(Engine(*models[:3], max_rows=1), max_waiting=1)  # not started: submitted jobs wait
+    worker.submit(_short_job(tiny), _Collect())
+    with pytest.raises(QueueFull, match="max_queue_size 1"):
+        worker.submit(_short_job(tiny), _Collect())
+
+
+def test_a_failing_step_fails_the_open_jobs_and_the_worker_goes_on(tiny, models):
+    engine = Engine(*models[:3], max_rows=64)
+    advance, broken = engine.advance, [True]
+
+    def advance_broken_once():
+        if broken and broken.pop():
+            raise RuntimeError("a bug in a step")
+        return advance()
+
+    engine.advance = advance_broken_once
+    worker = Worker(engine).start()
+    first, later = _Collect(), _Collect()
+    worker.submit(_short_job(tiny), first)
+    assert first.done.wait(60) and "a bug in a step" in str(first.error)
+    worker.submit(_short_job(tiny), later)
+    assert later.done.wait(60) and later.output is not None
+    worker.stop()

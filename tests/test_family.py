@@ -16,6 +16,7 @@ from transformers import GenerationConfig
 
 from t5_triton.builder.build import BuildOptions, build
 from t5_triton.builder.checkpoint import load_checkpoint
+from t5_triton.builder.repository import ServingOptions
 from t5_triton.builder.verify import SAMPLE_TEXTS, reference_generate
 from t5_triton.client.api import T5Client
 from t5_triton.model_repository.t5_runtime.search import trim_sequence
@@ -32,9 +33,19 @@ def served(request, tmp_path_factory):
     name = request.param
     work = tmp_path_factory.mktemp(name)
     checkpoint = load_checkpoint(name, work / "checkpoint")
-    build(BuildOptions(model=name, output=work / "repo"), Console(quiet=True))
+    # One preset calls t5_decoder over BLS (the gpu target's way), the other runs it inside t5_generate
+    # (the cpu default): both paths must equal transformers.
+    serving = ServingOptions(decoder_in_process=name != "random-mt5-tiny")
+    build(BuildOptions(model=name, output=work / "repo", serving=serving), Console(quiet=True))
     with TritonServer(work / "repo", Ports.free(), log_file=work / "server.log") as server:
         yield checkpoint, work / "repo", server
+
+
+def test_the_decoder_runs_where_the_build_put_it(served):
+    checkpoint, repo, _ = served
+    config = (repo / "t5_generate" / "config.pbtxt").read_text()
+    in_process = checkpoint.source != "random-mt5-tiny"
+    assert ('"t5_decoder/1/model.onnx"' in config) == in_process
 
 
 def test_architecture_is_what_the_preset_mirrors(served):

@@ -111,6 +111,13 @@ class Engine:
     def submit(self, job: Job) -> None:
         self.waiting.append(job)
 
+    def reset(self) -> None:
+        """Forget every job and the cache (after a failure the state cannot be trusted)."""
+        self.waiting.clear()
+        self.running = []
+        self._cancelled.clear()
+        self.cache.clear()
+
     def cancel(self, job: Job) -> None:
         """The job ends with `Cancelled` at the next step (its rows are freed then)."""
         self._cancelled.add(job)

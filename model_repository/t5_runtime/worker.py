@@ -109,21 +109,26 @@ class Worker:
 
     def _run(self) -> None:
         steps = 0
-        while True:
-            if not self._receive(block=not self.engine.busy):
-                break
-            if steps % self.cancel_check_steps == 0:
-                self._check_cancelled()
-            # The first tokens of new requests go out before the step of all requests runs.
-            for phase in (self.engine.admit, self.engine.advance):
-                events = phase()
-                self.stats.step(self.engine.last_calls)  # counted before any client hears of the step
-                self._started()
-                for event in events:
-                    self._deliver(event)
+        while self._receive(block=not self.engine.busy):
+            try:
+                if steps % self.cancel_check_steps == 0:
+                    self._check_cancelled()
+                # The first tokens of new requests go out before the step of all requests runs.
+                for phase in (self.engine.admit, self.engine.advance):
+                    events = phase()
+                    self.stats.step(self.engine.last_calls)  # counted before any client hears of the step
+                    self._started()
+                    for event in events:
+                        self._deliver(event)
+            except Exception as err:  # a bug must not leave every open request hanging: fail them, go on
+                self.engine.reset()
+                self._fail_all(err)
             steps += 1
+        self._fail_all(QueueFull("the server is shutting down"))
+
+    def _fail_all(self, error: Exception) -> None:
         for job, entry in list(self._entries.items()):
-            self._end(job, entry, error=QueueFull("the server is shutting down"))
+            self._end(job, entry, error=error)
 
     def _receive(self, block: bool) -> bool:
         """Move submitted jobs into the engine; False once `stop` was called."""
