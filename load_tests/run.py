@@ -18,6 +18,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -63,6 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--users", type=int, default=4, help="concurrent users, half gRPC and half HTTP")
     load.add_argument("--spawn-rate", type=float, default=2.0, help="users started per second")
     load.add_argument("--run-time", type=parse_seconds, default=60, help="e.g. 30s, 5m, 1m30s")
+    load.add_argument("--rss-interval", type=float, default=10.0, help="seconds between server memory samples")
     parser.add_argument("--output", type=Path, default=Path("build/load"), help="CSV, HTML report, logs, summary")
     return parser.parse_args(argv)
 
@@ -95,20 +98,94 @@ def is_ready(http: str) -> bool:
         return False
 
 
-def tree_rss(pid: int | None) -> tuple[int, int] | None:
-    """(bytes, processes): summed RSS of `pid` and its descendants (the python-backend stubs), from /proc."""
+def _kb(text: str, field: str) -> int | None:
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match[1]) * 1024 if match else None
+
+
+def _process_name(pid: int, root: int) -> str:
+    """tritonserver, or the model a python-backend stub serves (its first argument is the model's model.py)."""
+    if pid == root:
+        return "tritonserver"
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    if len(argv) > 1 and argv[1].endswith(b"model.py"):
+        return Path(argv[1].decode()).parent.parent.name
+    return Path(argv[0].decode()).name or str(pid)
+
+
+def tree_memory(pid: int | None) -> dict[str, dict[str, int]] | None:
+    """RSS and PSS in bytes of `pid` and each descendant (the python-backend stubs), by "name (pid)", from /proc.
+
+    RSS counts the python backend's shared memory once in tritonserver and again in each stub that maps it;
+    PSS splits shared pages between the processes that map them, so the PSS sum is the tree's real footprint.
+    """
     if pid is None or not Path(f"/proc/{pid}").exists():
         return None
-    total, count = 0, 0
+    memory: dict[str, dict[str, int]] = {}
     for member in process_tree(pid):
         try:
-            status = Path(f"/proc/{member}/status").read_text()
+            name = _process_name(member, pid)
+            rss = _kb(Path(f"/proc/{member}/status").read_text(), "VmRSS")
+            pss = _kb(Path(f"/proc/{member}/smaps_rollup").read_text(), "Pss")
         except OSError:  # exited meanwhile
             continue
-        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-        if match:
-            total, count = total + int(match[1]) * 1024, count + 1
-    return total, count
+        if rss is not None and pss is not None:  # a zombie has no memory left
+            memory[f"{name} ({member})"] = {"rss": rss, "pss": pss}
+    return memory
+
+
+def _total(memory: dict[str, dict[str, int]] | None, field: str) -> int | None:
+    return sum(process[field] for process in memory.values()) if memory else None
+
+
+class MemorySampler:
+    """Samples the server tree's summed RSS and PSS every `interval` seconds while the load runs."""
+
+    def __init__(self, pid: int | None, interval: float):
+        self.pid, self.interval = pid, interval
+        self.timeline: list[dict[str, float | int | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        while True:
+            memory = tree_memory(self.pid)
+            self.timeline.append(
+                {"t": round(time.monotonic() - start), "rss": _total(memory, "rss"), "pss": _total(memory, "pss")}
+            )
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> MemorySampler:
+        if self.pid is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def memory_summary(before: dict | None, after: dict | None, timeline: list[dict]) -> dict[str, Any]:
+    """`before`/`after`: `tree_memory` just before and just after the load. A server that keeps growing shows it
+    in the second half of the run; the first half holds the warm-up (allocator arenas, shared memory pools)."""
+    sampled = [point for point in timeline if point["pss"] is not None]
+    half = [point for point in sampled if point["t"] >= sampled[-1]["t"] / 2] if sampled else []
+    return {
+        "before": _total(before, "rss"),
+        "after": _total(after, "rss"),
+        "processes": len(after) if after else None,
+        "pss_before": _total(before, "pss"),
+        "pss_after": _total(after, "pss"),
+        "pss_growth_second_half": half[-1]["pss"] - half[0]["pss"] if len(half) > 1 else None,
+        "per_process": {
+            name: {"rss_before": (before or {}).get(name, {}).get("rss"), "rss_after": values["rss"]}
+            for name, values in (after or {}).items()
+        },
+        "timeline": timeline,
+    }
 
 
 def run_locust(args: argparse.Namespace, target: Target) -> int:
@@ -201,6 +278,10 @@ def _mb(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.1f} MB"
 
 
+def _signed_mb(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:+.1f} MB"
+
+
 def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
@@ -217,6 +298,12 @@ def report(summary: dict[str, Any], args: argparse.Namespace) -> str:
         f"unexpected errors     {summary['unexpected_errors']}",
         *(f"  {e['count']:>5} x {e['protocol']} {e['name']}: {e['error']}" for e in summary["errors"]),
         f"server RSS            before {_mb(rss['before'])}, after {_mb(rss['after'])} ({rss['processes']} processes)",
+        f"server PSS            before {_mb(rss['pss_before'])}, after {_mb(rss['pss_after'])}, "
+        f"second half of the run {_signed_mb(rss['pss_growth_second_half'])}",
+        *(
+            f"  RSS {name:<30} {_mb(values['rss_before'])} -> {_mb(values['rss_after'])}"
+            for name, values in rss["per_process"].items()
+        ),
         f"server ready after    {summary['server_ready_after']}",
         f"client max in flight  {summary['client_max_in_flight']}",
         "",
@@ -240,11 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         if not is_ready(target.http):
             print(f"no ready server at http://{target.http}", file=sys.stderr)
             return 2
-        before = tree_rss(target.pid)
-        locust_code = run_locust(args, target)
-        after = tree_rss(target.pid)
-        rss = {"before": before[0] if before else None, "after": after[0] if after else None}
-        rss["processes"] = after[1] if after else None
+        before = tree_memory(target.pid)
+        with MemorySampler(target.pid, args.rss_interval) as sampler:
+            locust_code = run_locust(args, target)
+        rss = memory_summary(before, tree_memory(target.pid), sampler.timeline)
         if not (args.output / f"{CSV_PREFIX}_stats.csv").exists():
             print(f"locust exited with {locust_code} without stats; see {args.output / 'locust.log'}", file=sys.stderr)
             return 2

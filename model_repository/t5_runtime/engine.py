@@ -201,7 +201,12 @@ class Engine:
             self.last_calls.append(tokens.shape[0])
             first = self.cache.first_step(tokens, states, mask)
         except Exception as err:
-            events.extend(Event(r.job, error=err) for r in started)
+            if len(jobs) == 1:
+                events.append(Event(jobs[0], error=err))
+                return
+            # One job may be the cause: each alone again, so only the culprit gets the error.
+            for job in jobs:
+                self._start([job], events)
             return
         logits = first[spec.LOGITS]
         kept_self, kept_cross = [], []

@@ -64,11 +64,12 @@ class GenerationParams:
         _check_int("min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens)
         _check_int("num_beams", self.num_beams, 1, limits.max_num_beams)
         self._check_return_sequences()
-        _check_finite("length_penalty", self.length_penalty)
+        # generated_length ** length_penalty must stay finite in float32 up to 512+ tokens
+        _check_between("length_penalty", self.length_penalty, -10.0, 10.0)
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise InvalidParameter(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
         _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, None)
-        _check_positive("repetition_penalty", self.repetition_penalty)
+        _check_between("repetition_penalty", self.repetition_penalty, _SCALE_MIN, _SCALE_MAX)
         if not isinstance(self.do_sample, bool):
             raise InvalidParameter(f"do_sample must be a boolean, got {self.do_sample!r}")
         if self.do_sample and self.is_beam_search:
@@ -76,7 +77,7 @@ class GenerationParams:
                 f"do_sample=true with num_beams={self.num_beams} (beam sampling) is not supported; "
                 "use num_beams=1 to sample or do_sample=false for beam search"
             )
-        _check_positive("temperature", self.temperature)
+        _check_between("temperature", self.temperature, _SCALE_MIN, _SCALE_MAX)
         _check_int("top_k", self.top_k, 0, None)
         _check_finite("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
@@ -120,7 +121,12 @@ def _check_finite(name: str, value: object) -> None:
         raise InvalidParameter(f"{name} must be a finite number, got {value!r}")
 
 
-def _check_positive(name: str, value: object) -> None:
+# Logits are divided (or multiplied) by temperature and repetition_penalty in float32: beyond these bounds
+# they overflow to inf and the scores turn to NaN.
+_SCALE_MIN, _SCALE_MAX = 1e-4, 1e4
+
+
+def _check_between(name: str, value: object, low: float, high: float) -> None:
     _check_finite(name, value)
-    if value <= 0:
-        raise InvalidParameter(f"{name} must be a finite number > 0, got {value}")
+    if not low <= value <= high:
+        raise InvalidParameter(f"{name} must be between {low:g} and {high:g}, got {value}")

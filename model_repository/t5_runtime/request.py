@@ -137,7 +137,8 @@ def parse_request(
     rows = len(token_rows) * max(params.num_beams, params.num_return_sequences)
     if rows > serving.max_batch_size * serving.max_num_beams:
         raise InvalidRequest(
-            f"{len(token_rows)} inputs x {max(params.num_beams, params.num_return_sequences)} sequences is more "
-            f"than this server decodes at once ({serving.max_batch_size * serving.max_num_beams})"
+            f"{len(token_rows)} inputs x {max(params.num_beams, params.num_return_sequences)} sequences "
+            f"(num_beams / num_return_sequences) is more than this server decodes at once "
+            f"({serving.max_batch_size * serving.max_num_beams})"
         )
     return GenerateRequest(token_rows, params)
