@@ -61,7 +61,10 @@ def _grpc_stream(url: str, text: str, model: str, timeout: float, params: dict) 
             model, request_inputs(grpcclient, [text], None, params), enable_empty_final_response=True
         )
         while not finished:
-            result, error = results.get(timeout=timeout)
+            try:
+                result, error = results.get(timeout=timeout)
+            except queue.Empty:
+                raise GenerateError(f"no response from {model} in {timeout:g} s", "timeout") from None
             if error is not None:
                 finished = True
                 raise _error(error) if isinstance(error, InferenceServerException) else GenerateError(str(error))
