@@ -39,21 +39,32 @@ class StreamPiece:
 
 
 def stream_generate(
-    url: str, text: str, *, protocol: str = "grpc", model: str = STREAM_MODEL, timeout: float = 600.0, **params: Any
+    url: str,
+    text: str,
+    *,
+    protocol: str = "grpc",
+    model: str = STREAM_MODEL,
+    timeout: float = 600.0,
+    connection: grpcclient.InferenceServerClient | None = None,
+    **params: Any,
 ) -> Iterator[StreamPiece]:
     """Yield the pieces of one input's answer; raises `GenerateError` when the server refuses or fails it.
 
-    Leaving the loop early cancels the request (gRPC), so the server stops decoding it."""
+    Leaving the loop early cancels the request (gRPC), so the server stops decoding it. `connection`: an
+    open `tritonclient.grpc` client to reuse, saving a connection set-up per request."""
     if protocol == "grpc":
-        return _grpc_stream(url, text, model, timeout, params)
+        return _grpc_stream(
+            connection or grpcclient.InferenceServerClient(url), connection is None, text, model, timeout, params
+        )
     if protocol == "http":
         return _http_stream(url, text, model, timeout, params)
     raise ValueError(f"protocol must be http or grpc, got {protocol!r}")
 
 
-def _grpc_stream(url: str, text: str, model: str, timeout: float, params: dict) -> Iterator[StreamPiece]:
+def _grpc_stream(
+    client, own_client: bool, text: str, model: str, timeout: float, params: dict
+) -> Iterator[StreamPiece]:
     results: queue.SimpleQueue = queue.SimpleQueue()
-    client = grpcclient.InferenceServerClient(url)
     finished = False
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -74,7 +85,8 @@ def _grpc_stream(url: str, text: str, model: str, timeout: float, params: dict) 
                 yield piece
     finally:
         client.stop_stream(cancel_requests=not finished)
-        client.close()
+        if own_client:
+            client.close()
 
 
 def _grpc_piece(result, final: bool) -> StreamPiece:

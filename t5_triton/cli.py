@@ -230,6 +230,13 @@ def _run_serve(args: argparse.Namespace) -> int:
         )
         while server.process is not None and server.process.poll() is None:
             time.sleep(0.5)
+            dead = server.dead_stubs()
+            if dead:
+                # Requests a dead stub had taken would wait forever, and later ones fail: start afresh.
+                _console.print(f"[red]model process died[/] ({', '.join(dead)}); restarting tritonserver")
+                server.stop(timeout=5)  # a graceful exit would wait for the dead model's requests in vain
+                server.start()
+                _console.print(f"[bold green]ready[/] again: HTTP {server.http_url}  gRPC {server.grpc_url}")
         _console.print(f"[red]tritonserver exited[/]; last log lines:\n{server.log_tail()}")
         return 1
     except KeyboardInterrupt:

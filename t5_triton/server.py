@@ -51,6 +51,27 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def _state(pid: int) -> str | None:
+    """A process's state letter ('R', 'S', 'Z'...), None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def stub_models(pids: list[int]) -> dict[int, str]:
+    """pid -> model name for the python-backend stubs among `pids` (their command line names model.py)."""
+    stubs = {}
+    for pid in pids:
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"triton_python_backend_stub") and len(args) > 1:
+            stubs[pid] = Path(args[1].decode()).parent.parent.name  # <repo>/<model>/<version>/model.py
+    return stubs
+
+
 def mapped_shm_regions(pids: list[int]) -> set[str]:
     """The python backend's shared-memory files these processes have mapped."""
     regions = set()
@@ -131,6 +152,7 @@ class TritonServer:
         self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None
+        self._stubs: dict[int, str] = {}  # pid -> model, the python-backend stubs once the server was ready
 
     @property
     def http_url(self) -> str:
@@ -178,7 +200,15 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        self._stubs = stub_models(process_tree(self.process.pid)[1:])
         return self
+
+    def dead_stubs(self) -> list[str]:
+        """Models whose python-backend stub died since the server became ready.
+
+        Triton 2.51 neither restarts a dead stub nor reports it (readiness stays true), and the requests a
+        dead `t5_generate` had taken are never answered: the caller should restart the server."""
+        return sorted({model for pid, model in self._stubs.items() if _state(pid) in (None, "Z")})
 
     def is_ready(self) -> bool:
         try:

@@ -18,7 +18,8 @@ import pytest
 
 from t5_triton.builder.verify import SAMPLE_TEXTS
 from t5_triton.client.api import AsyncT5Client, T5Client
-from t5_triton.server import Ports, mapped_shm_regions, process_tree
+from t5_triton.client.stream import stream_generate
+from t5_triton.server import Ports, mapped_shm_regions, process_tree, stub_models
 
 SHM = Path("/dev/shm")
 
@@ -44,51 +45,64 @@ def _state(pid: int) -> str | None:
         return None
 
 
+class _Serve:
+    """`t5-triton serve` in a subprocess, its output read as it comes."""
+
+    def __init__(self, repository: Path, ports: Ports, log_file: Path):
+        self.process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "t5_triton.cli", "serve", "--model-repository", str(repository)),
+                *(f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}"),
+                *("--log-file", str(log_file), "--exit-timeout-secs", "3"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        self.reader = threading.Thread(target=lambda: [self.lines.put(x) for x in self.process.stdout], daemon=True)
+        self.reader.start()
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 120) -> None:
+        """Until `text` appeared in `count` lines, as a user sees it."""
+        deadline = time.monotonic() + timeout
+        while sum(text in line for line in self.output) < count:
+            assert self.process.poll() is None, "".join(self.output)
+            assert time.monotonic() < deadline, f"serve did not print {text!r} in time: {''.join(self.output)}"
+            with contextlib.suppress(queue.Empty):
+                self.output.append(self.lines.get(timeout=0.5))
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=120)
+        self.reader.join(timeout=10)
+        while not self.lines.empty():
+            self.output.append(self.lines.get())
+        return "".join(self.output)
+
+
 @pytest.mark.server
 def test_serve_runs_until_sigterm_and_leaves_nothing_behind(tiny_repo, tmp_path):
     ports = Ports.free()
     log_file = tmp_path / "serve.log"
     before = _shm_regions()
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "t5_triton.cli", "serve", "--model-repository", str(tiny_repo)),
-            *(f"--http-port={ports.http}", f"--grpc-port={ports.grpc}", f"--metrics-port={ports.metrics}"),
-            *("--log-file", str(log_file), "--exit-timeout-secs", "3"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True)
-    reader.start()
-    output = []
+    serve = _Serve(tiny_repo, ports, log_file)
     try:
-        # Ready when the command says so, as a user sees it.
-        deadline = time.monotonic() + 120
-        while not any("ready" in line for line in output):
-            assert process.poll() is None, "".join(output)
-            assert time.monotonic() < deadline, "serve did not report ready in time"
-            with contextlib.suppress(queue.Empty):
-                output.append(lines.get(timeout=0.5))
+        serve.wait_for("ready")
         client = T5Client(f"127.0.0.1:{ports.http}")
         # The client stays connected: Triton then gives up its graceful exit after the exit timeout and
         # leaves its shared memory behind, which `serve` must clean up.
         [result] = client.generate(SAMPLE_TEXTS[0], max_new_tokens=6)
         assert result.output_ids[0][0] == 0
-        server_processes = process_tree(process.pid)[1:]
+        server_processes = process_tree(serve.process.pid)[1:]
         assert len(server_processes) >= 4  # tritonserver and one stub per model
         # Only this server's regions: other servers may run on the machine at the same time.
         regions = mapped_shm_regions(server_processes)
         assert regions and regions <= {str(SHM / name) for name in _shm_regions() - before}
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
-        reader.join(timeout=10)
-    while not lines.empty():
-        output.append(lines.get())
-    output = "".join(output)
-    assert process.returncode == 0, output
+        output = serve.stop()
+    assert serve.process.returncode == 0, output
     assert "ready" in output and f"127.0.0.1:{ports.grpc}" in output and str(log_file) in output
     assert "stopped" in output
     # Exited is enough: a zombie waits for PID 1 to reap it, which some sandboxes' init never does.
@@ -96,6 +110,44 @@ def test_serve_runs_until_sigterm_and_leaves_nothing_behind(tiny_repo, tmp_path)
     assert not running, f"server processes still running after SIGTERM: {running}"
     assert not any(Path(region).exists() for region in regions), "leftover shared memory"
     assert "Exit timeout expired" in log_file.read_text()  # the path that used to leak
+
+
+@pytest.mark.server
+def test_serve_restarts_when_a_model_process_dies_so_no_request_waits_forever(tiny_repo, tmp_path):
+    ports = Ports.free()
+    serve = _Serve(tiny_repo, ports, tmp_path / "serve.log")
+    outcome: dict[str, object] = {}
+    try:
+        serve.wait_for("ready")
+        [stub] = [
+            pid for pid, model in stub_models(process_tree(serve.process.pid)).items() if model == "t5_generate_stream"
+        ]
+        started = threading.Event()
+
+        def stream() -> None:
+            try:
+                for _ in stream_generate(
+                    f"127.0.0.1:{ports.grpc}", SAMPLE_TEXTS[2], max_new_tokens=512, min_new_tokens=512
+                ):
+                    started.set()
+            except Exception as err:  # what the client sees when the model dies under it
+                outcome["error"] = err
+            started.set()
+
+        streaming = threading.Thread(target=stream, daemon=True)
+        streaming.start()
+        assert started.wait(60)
+        os.kill(stub, signal.SIGKILL)
+        streaming.join(timeout=90)
+        assert not streaming.is_alive(), "a request of the dead model still waits"
+        assert "error" in outcome  # it ended with an error, not with a made-up answer
+        serve.wait_for("restarting tritonserver")
+        serve.wait_for("ready", count=2)
+        [result] = T5Client(f"127.0.0.1:{ports.http}").generate(SAMPLE_TEXTS[0], max_new_tokens=6)
+        assert result.output_ids[0][0] == 0
+    finally:
+        output = serve.stop()
+    assert "model process died (t5_generate_stream)" in output
 
 
 def test_serve_refuses_a_folder_that_is_not_a_repository(tmp_path):
