@@ -31,6 +31,13 @@ class Cell:
 
 CELLS = (Cell("greedy b1", 1, 1), Cell("beam4 b1", 1, 4), Cell("greedy b8", 8, 1), Cell("beam4 b8", 8, 4))
 ENGINES = ("transformers", "served-grpc", "served-http")
+CTRANSLATE2 = "ctranslate2"  # measured too when installed (`pip install 't5-triton[bench]'`)
+
+
+def _engines() -> tuple[str, ...]:
+    import importlib.util
+
+    return (*ENGINES, CTRANSLATE2) if importlib.util.find_spec("ctranslate2") else ENGINES
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,37 @@ def _worker_transformers(config: BenchConfig) -> dict[str, list[float]]:
     return results
 
 
+def _worker_ctranslate2(config: BenchConfig, model_dir: str, vocab: int) -> dict[str, list[float]]:
+    """CTranslate2 fp32 on the same checkpoint (converted once by `run_bench`), same ids, same forced length."""
+    import ctranslate2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
+    translator = ctranslate2.Translator(model_dir, device="cpu", inter_threads=1, intra_threads=config.threads)
+    results = {}
+    for cell in (c for c in CELLS if c.name in config.cells):
+        source = [tokenizer.convert_ids_to_tokens(row) for row in make_inputs(cell.batch, config.input_tokens, vocab)]
+
+        def call(source=source, beams=cell.num_beams):
+            translator.translate_batch(
+                source,
+                beam_size=beams,
+                max_decoding_length=config.new_tokens,
+                min_decoding_length=config.new_tokens,
+            )
+
+        results[cell.name] = _time_calls(call, config.runs)
+    return results
+
+
+def _convert_ctranslate2(checkpoint: str, directory: Path) -> Path:
+    from ctranslate2.converters import TransformersConverter
+
+    if not (directory / "model.bin").is_file():
+        TransformersConverter(checkpoint).convert(str(directory), force=True)
+    return directory
+
+
 def _worker_served(config: BenchConfig, protocol: str, url: str, vocab: int) -> dict[str, list[float]]:
     from t5_triton.client.api import T5Client
 
@@ -125,14 +163,22 @@ def run_bench(config: BenchConfig, passes: int, console: Console, output_json: P
 
     serving = ServingSpec.load(Path(config.repository) / "t5_generate" / "1")
     vocab = min(serving.dims.vocab_size, 32000)
-    samples: dict[str, dict[str, list[float]]] = {e: {c: [] for c in config.cells} for e in ENGINES}
+    engines = _engines()
+    samples: dict[str, dict[str, list[float]]] = {e: {c: [] for c in config.cells} for e in engines}
+    ct2_dir = None
+    if CTRANSLATE2 in engines:
+        ct2_dir = str(_convert_ctranslate2(config.checkpoint, Path(config.repository).parent / "ctranslate2"))
     log_file = Path(tempfile.gettempdir()) / "t5-triton-bench-server.log"
     with TritonServer(Path(config.repository), Ports.free(), log_file=log_file) as server:
         urls = {"served-grpc": ("grpc", server.grpc_url), "served-http": ("http", server.http_url)}
         for number in range(passes):
-            for engine in ENGINES:
+            for engine in engines:
                 console.print(f"pass {number + 1}/{passes}: {engine}")
-                extra = {"protocol": urls[engine][0], "url": urls[engine][1], "vocab": vocab} if engine in urls else {}
+                extra = {"vocab": vocab}
+                if engine in urls:
+                    extra.update(protocol=urls[engine][0], url=urls[engine][1])
+                elif engine == CTRANSLATE2:
+                    extra["model_dir"] = ct2_dir
                 for cell, times in _run_worker(engine, config, extra).items():
                     samples[engine][cell].extend(times)
     report = {
@@ -154,7 +200,7 @@ def _print_table(report: dict, config: BenchConfig, console: Console) -> None:
     table.add_column("engine")
     for cell in config.cells:
         table.add_column(cell, justify="right")
-    for engine in ENGINES:
+    for engine in medians:
         row = []
         for cell in config.cells:
             seconds, base = medians[engine][cell], medians["transformers"][cell]
@@ -282,7 +328,9 @@ def _print_concurrency(report: dict, console: Console) -> None:
 def _worker_main(payload: str) -> None:
     data = json.loads(payload)
     config = BenchConfig(**{**data["config"], "cells": tuple(data["config"]["cells"])})
-    if data["engine"] == "transformers":
+    if data["engine"] == CTRANSLATE2:
+        result = _worker_ctranslate2(config, data["model_dir"], data["vocab"])
+    elif data["engine"] == "transformers":
         result = _worker_transformers(config)
     else:
         result = _worker_served(config, data["protocol"], data["url"], data["vocab"])
