@@ -201,17 +201,22 @@ def _fp16_values(graph: onnx.GraphProto, types: dict[str, int], keep: set[str]) 
     return fp16
 
 
+def _plan(model: onnx.ModelProto, keep: Collection[str]) -> tuple[onnx.ModelProto, dict[str, int], set[str], set[str]]:
+    """A copy of flat `model` to rewrite, the element type of each value, the kept nodes, the fp16 values."""
+    _check_flat(model.graph)
+    types = _elem_types(model)
+    copy = _copy(model)
+    keep = set(keep)
+    return copy, types, keep, _fp16_values(copy.graph, types, keep)
+
+
 def convert_float16(model: onnx.ModelProto, keep: Collection[str]) -> onnx.ModelProto:
     """A copy of `model` computing in fp16 except the nodes named in `keep`.
 
     Graph inputs and outputs stay fp32, so the served interface does not change.
     """
-    _check_flat(model.graph)
-    types = _elem_types(model)
-    model = _copy(model)
+    model, types, keep, fp16 = _plan(model, keep)
     graph = model.graph
-    keep = set(keep)
-    fp16 = _fp16_values(graph, types, keep)
 
     # An output computed in fp16 is renamed; a Cast back to fp32 takes its name.
     final_casts = []
@@ -259,12 +264,8 @@ def emulate_float16(model: onnx.ModelProto, keep: Collection[str]) -> onnx.Model
     between them in fp32, so on CPU the converted graph never overflows and checking it there says
     nothing about fp16 ranges. Explicit Cast pairs are kept (ONNX Runtime >= 1.17 drops no lossy Cast).
     """
-    _check_flat(model.graph)
-    types = _elem_types(model)
-    model = _copy(model)
+    model, types, keep, fp16 = _plan(model, keep)
     graph = model.graph
-    keep = set(keep)
-    fp16 = _fp16_values(graph, types, keep)
     rounded: set[str] = set()  # fp32 values an fp16 node reads: the fp16 graph casts them, here they are rounded
     nodes = []
     for node in graph.node:

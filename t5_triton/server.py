@@ -51,7 +51,7 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def _state(pid: int) -> str | None:
+def process_state(pid: int) -> str | None:
     """A process's state letter ('R', 'S', 'Z'...), None when it is gone."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -208,7 +208,7 @@ class TritonServer:
 
         Triton 2.51 neither restarts a dead stub nor reports it (readiness stays true), and the requests a
         dead `t5_generate` had taken are never answered: the caller should restart the server."""
-        return sorted({model for pid, model in self._stubs.items() if _state(pid) in (None, "Z")})
+        return sorted({model for pid, model in self._stubs.items() if process_state(pid) in (None, "Z")})
 
     def is_ready(self) -> bool:
         try:

@@ -19,7 +19,7 @@ import pytest
 from t5_triton.builder.verify import SAMPLE_TEXTS
 from t5_triton.client.api import AsyncT5Client, T5Client
 from t5_triton.client.stream import stream_generate
-from t5_triton.server import Ports, mapped_shm_regions, process_tree, stub_models
+from t5_triton.server import Ports, mapped_shm_regions, process_state, process_tree, stub_models
 
 SHM = Path("/dev/shm")
 
@@ -36,13 +36,6 @@ def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess
 
 def _shm_regions() -> set[str]:
     return {p.name for p in SHM.glob("triton_python_backend_shm_region_*")}
-
-
-def _state(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
 
 
 class _Serve:
@@ -106,7 +99,7 @@ def test_serve_runs_until_sigterm_and_leaves_nothing_behind(tiny_repo, tmp_path)
     assert "ready" in output and f"127.0.0.1:{ports.grpc}" in output and str(log_file) in output
     assert "stopped" in output
     # Exited is enough: a zombie waits for PID 1 to reap it, which some sandboxes' init never does.
-    running = [pid for pid in server_processes if _state(pid) not in (None, "Z")]
+    running = [pid for pid in server_processes if process_state(pid) not in (None, "Z")]
     assert not running, f"server processes still running after SIGTERM: {running}"
     assert not any(Path(region).exists() for region in regions), "leftover shared memory"
     assert "Exit timeout expired" in log_file.read_text()  # the path that used to leak

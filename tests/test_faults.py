@@ -30,7 +30,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype, tri
 from t5_triton.builder.build import BuildOptions, build
 from t5_triton.builder.repository import ServingOptions
 from t5_triton.client.api import AsyncT5Client, GenerateError, GenerateResult, T5Client
-from t5_triton.server import Ports, TritonServer, mapped_shm_regions, process_tree
+from t5_triton.server import Ports, TritonServer, mapped_shm_regions, process_tree, stub_models
 
 pytestmark = pytest.mark.server
 
@@ -103,16 +103,8 @@ def _running(processes: dict[int, tuple[str, str] | None]) -> list[int]:
 
 
 def _live_stub(server: TritonServer, model: str) -> int:
-    """The pid of `model`'s running python-backend stub: its command line starts with the model's model.py (a
-    killed stub's zombie has an empty one)."""
-    stubs = []
-    for pid in process_tree(server.process.pid)[1:]:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if len(argv) > 1 and argv[1].endswith(f"/{model}/1/model.py".encode()):
-            stubs.append(pid)
+    """The pid of `model`'s running python-backend stub (a killed stub's zombie has no command line left)."""
+    stubs = [pid for pid, name in stub_models(process_tree(server.process.pid)[1:]).items() if name == model]
     assert len(stubs) == 1, f"{model}: expected one running stub, found {stubs}"
     return stubs[0]
 
