@@ -58,14 +58,14 @@ def encoder_tensors(dims: spec.ModelDims, float_dtype: str) -> tuple[list[Tensor
 
 def decoder_tensors(dims: spec.ModelDims, float_dtype: str) -> tuple[list[TensorConfig], list[TensorConfig]]:
     fp = TRITON_FLOAT[float_dtype]
-    kv = dims.kv_shape(-1, -1)
+    layer_kv = (-1, dims.num_heads, -1, dims.d_kv)
     inputs = [
         TensorConfig(spec.USE_CACHE_BRANCH, "TYPE_BOOL", (1,)),
         TensorConfig(spec.DECODER_INPUT_IDS, "TYPE_INT64", (-1, 1)),
         TensorConfig(spec.ENCODER_HIDDEN_STATES, fp, (-1, -1, dims.d_model)),
         TensorConfig(spec.DECODER_ENCODER_MASK, "TYPE_INT64", (-1, -1)),
-        TensorConfig(spec.PAST_SELF_KV, fp, kv),
-        TensorConfig(spec.CROSS_KV, fp, kv),
+        *(TensorConfig(name, fp, layer_kv) for name in spec.layer_kv_names(spec.PAST_SELF_KV, dims.num_decoder_layers)),
+        *(TensorConfig(name, fp, layer_kv) for name in spec.layer_kv_names(spec.CROSS_KV, dims.num_decoder_layers)),
         TensorConfig(spec.DECODER_SELF_MASK, "TYPE_INT64", (-1, -1)),
     ]
     outputs = [

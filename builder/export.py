@@ -1,8 +1,8 @@
 """Export a T5 checkpoint to ONNX: the encoder, and the two decoder graphs the merge step joins.
 
-The wrappers give the graphs the interface of `t5_runtime.spec`: K/V packed into one tensor per
-kind (few, large tensors cross BLS cheaply), cross-attention K/V computed once by the first-step
-graph and only read by the cache graph, logits for the new position only.
+The wrappers give the graphs the interface of `t5_runtime.spec`: past K/V in as one tensor per layer
+and kind (views of the caller's packed cache, read in place), new K/V out packed, cross-attention K/V
+computed once by the first-step graph and only read by the cache graph, logits for the new position only.
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ class _DecoderGraph(nn.Module):
             past_key_values=cache,
             use_cache=True,
         )
-        hidden = out.last_hidden_state[:, -1, :]
+        return self._logits(out.last_hidden_state[:, -1, :])
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.output_scale is not None:
             hidden = hidden * self.output_scale
         # A 2D linear WITH bias exports as Gemm(transB=1) on the weight as stored (without one, as
@@ -92,8 +94,9 @@ class FirstStepDecoderGraph(_DecoderGraph):
         return logits, _pack(cache.self_attention_cache), _pack(cache.cross_attention_cache)
 
 
-class CachedStepDecoderGraph(_DecoderGraph):
-    """With past: reads cached self- and cross-attention K/V, returns K/V of the new position only."""
+class CachedStepReference(_DecoderGraph):
+    """The cached step as transformers computes it (its cache concatenates the past with the new position):
+    what the build checks the exported cached step against. Packed K/V in, K/V of the new position out."""
 
     def forward(self, decoder_input_ids, encoder_attention_mask, past_self_kv, cross_kv, decoder_attention_mask):
         cache = EncoderDecoderCache(_unpack(past_self_kv), _unpack(cross_kv))
@@ -104,6 +107,72 @@ class CachedStepDecoderGraph(_DecoderGraph):
         logits = self._run(decoder_input_ids, cross_mask, cross_mask, self_mask, cache)
         new_self_kv = _pack(cache.self_attention_cache)[:, :, :, :, -1:, :]
         return logits, new_self_kv
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[rows, 1, heads * d_kv] -> [rows, heads, 1, d_kv]."""
+    return x.view(x.shape[0], 1, heads, -1).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[rows, heads, 1, d_kv] -> [rows, 1, heads * d_kv] (heads x d_kv need not be d_model)."""
+    return x.transpose(1, 2).reshape(x.shape[0], 1, -1)
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    return nn.functional.softmax(scores.float(), dim=-1).type_as(scores)
+
+
+class CachedStepDecoderGraph(_DecoderGraph):
+    """The cached step, exported: T5's decoder layers with attention that reads the past K/V where they are.
+
+    transformers' cache concatenates the past with the new position in every layer (a copy of the whole
+    cache per step); here the new key's score and value are added next to the past's instead, which is the
+    same arithmetic. Past K/V come in per layer (`spec.layer_kv_names`) so the graph never slices them.
+    The build checks this graph against `CachedStepReference`.
+    """
+
+    def __init__(self, model: T5ForConditionalGeneration):
+        super().__init__(model)
+        self.blocks = self.decoder.block
+        self.heads = model.config.num_heads
+        self.layers = len(self.blocks)
+
+    def forward(self, decoder_input_ids, encoder_attention_mask, decoder_attention_mask, *layer_kv):
+        past, cross = layer_kv[: 2 * self.layers], layer_kv[2 * self.layers :]
+        dtype = past[0].dtype
+        hidden = self.decoder.embed_tokens(decoder_input_ids)
+        self_bias = self._self_position_bias(decoder_attention_mask.shape[1]) + additive_mask(
+            decoder_attention_mask, dtype
+        )
+        cross_bias = additive_mask(encoder_attention_mask, dtype)
+        new_kv = []
+        for layer, block in enumerate(self.blocks):
+            self_attention, cross_attention, feed_forward = block.layer
+            attention = self_attention.SelfAttention
+            normed = self_attention.layer_norm(hidden)
+            q, k, v = (_heads(projection(normed), self.heads) for projection in (attention.q, attention.k, attention.v))
+            past_k, past_v = past[2 * layer], past[2 * layer + 1]
+            # T5 does not scale scores (its initialisation absorbs 1/sqrt(d_kv)).
+            scores = torch.cat([q @ past_k.transpose(2, 3), (q * k).sum(-1, keepdim=True)], dim=-1) + self_bias
+            weights = _softmax(scores)
+            out = weights[..., :-1] @ past_v + weights[..., -1:] * v
+            hidden = hidden + attention.o(_merge_heads(out))
+            new_kv.append(torch.stack([k, v]))
+
+            attention = cross_attention.EncDecAttention
+            q = _heads(attention.q(cross_attention.layer_norm(hidden)), self.heads)
+            weights = _softmax(q @ cross[2 * layer].transpose(2, 3) + cross_bias)
+            out = weights @ cross[2 * layer + 1]
+            hidden = hidden + attention.o(_merge_heads(out))
+            hidden = feed_forward(hidden)
+        hidden = self.decoder.final_layer_norm(hidden)
+        return self._logits(hidden[:, -1, :]), torch.stack(new_kv)
+
+    def _self_position_bias(self, length: int) -> torch.Tensor:
+        """[1, heads, 1, length]: the bias of the new token (the last position) over every position."""
+        attention = self.blocks[0].layer[0].SelfAttention
+        return attention.compute_bias(1, length, past_seen_tokens=length - 1)
 
 
 @dataclass(frozen=True)
@@ -166,7 +235,6 @@ def export_graphs(model: T5ForConditionalGeneration, directory: Path) -> Exporte
     model = model.eval()
     x = sample_inputs(model)
     rows, src, past = "rows", "src_len", "past_len"
-    kv_axes = {2: rows, 4: past}
     cross_axes = {2: rows, 4: src}
     paths = ExportedGraphs(
         directory / "encoder.onnx", directory / "decoder_first.onnx", directory / "decoder_cached.onnx"
@@ -198,18 +266,26 @@ def export_graphs(model: T5ForConditionalGeneration, directory: Path) -> Exporte
             spec.NEW_CROSS_KV: cross_axes,
         },
     )
+    past_feeds = spec.layer_kv_feeds(spec.PAST_SELF_KV, x["past_self_kv"])
+    cross_feeds = spec.layer_kv_feeds(spec.CROSS_KV, x["cross_kv"])
     _export(
         CachedStepDecoderGraph(model),
-        (x["decoder_input_ids"], x["attention_mask"], x["past_self_kv"], x["cross_kv"], x["decoder_attention_mask"]),
+        (
+            x["decoder_input_ids"],
+            x["attention_mask"],
+            x["decoder_attention_mask"],
+            *(t.contiguous() for t in past_feeds.values()),
+            *(t.contiguous() for t in cross_feeds.values()),
+        ),
         paths.cached_step_decoder,
-        [spec.DECODER_INPUT_IDS, spec.DECODER_ENCODER_MASK, spec.PAST_SELF_KV, spec.CROSS_KV, spec.DECODER_SELF_MASK],
+        [spec.DECODER_INPUT_IDS, spec.DECODER_ENCODER_MASK, spec.DECODER_SELF_MASK, *past_feeds, *cross_feeds],
         [spec.LOGITS, spec.NEW_SELF_KV],
         {
             spec.DECODER_INPUT_IDS: {0: rows},
             spec.DECODER_ENCODER_MASK: {0: rows, 1: src},
-            spec.PAST_SELF_KV: kv_axes,
-            spec.CROSS_KV: cross_axes,
             spec.DECODER_SELF_MASK: {0: rows, 1: "past_len_plus_1"},
+            **{name: {0: rows, 2: past} for name in past_feeds},
+            **{name: {0: rows, 2: src} for name in cross_feeds},
             spec.LOGITS: {0: rows},
             spec.NEW_SELF_KV: {2: rows},
         },

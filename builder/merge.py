@@ -139,7 +139,9 @@ def merge_decoders(first_step: Path, cached_step: Path, output: Path) -> Path:
     for graph in (first.graph, cached.graph):
         for value in graph.input:
             outer_inputs.setdefault(value.name, value)
-    missing = set(spec.DECODER_INPUTS) - {spec.USE_CACHE_BRANCH} - set(outer_inputs)
+    layers = sum(1 for name in outer_inputs if name.startswith(spec.PAST_SELF_KV + "_")) // 2
+    input_names = spec.decoder_input_names(layers)
+    missing = set(input_names) - {spec.USE_CACHE_BRANCH} - set(outer_inputs)
     if missing:
         raise ValueError(f"decoder graphs lack inputs {sorted(missing)}")
 
@@ -160,7 +162,7 @@ def merge_decoders(first_step: Path, cached_step: Path, output: Path) -> Path:
     graph = helper.make_graph(
         [if_node],
         "t5_merged_decoder",
-        [condition, *(outer_inputs[name] for name in spec.DECODER_INPUTS[1:])],
+        [condition, *(outer_inputs[name] for name in input_names[1:])],
         [by_name[spec.LOGITS], by_name[spec.NEW_SELF_KV], _any_shape(by_name[spec.NEW_CROSS_KV])],
     )
     model = helper.make_model(graph, opset_imports=first.opset_import, producer_name="t5-triton")

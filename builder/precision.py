@@ -111,8 +111,8 @@ def _audit_runs(graphs: dict[str, onnx.ModelProto], tokenizer: PreTrainedTokeniz
             {
                 spec.DECODER_INPUT_IDS: tokens,
                 spec.DECODER_ENCODER_MASK: mask,
-                spec.PAST_SELF_KV: past,
-                spec.CROSS_KV: cross,
+                **spec.layer_kv_feeds(spec.PAST_SELF_KV, past),
+                **spec.layer_kv_feeds(spec.CROSS_KV, cross),
                 spec.DECODER_SELF_MASK: np.ones((len(tokens), past.shape[spec.KV_SEQ_AXIS] + 1), dtype=np.int64),
             }
         )

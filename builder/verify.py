@@ -29,7 +29,7 @@ from t5_triton.model_repository.t5_runtime.onnx_runner import TorchSession, crea
 from t5_triton.model_repository.t5_runtime.params import GenerationParams
 from t5_triton.model_repository.t5_runtime.search import trim_sequence
 
-from .export import CachedStepDecoderGraph, EncoderGraph, FirstStepDecoderGraph, sample_inputs
+from .export import CachedStepReference, EncoderGraph, FirstStepDecoderGraph, sample_inputs
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def check_decoder_branches(model, session: ort.InferenceSession, tol: Tolerance)
     dims = spec.ModelDims.from_hf(model.config, model.generation_config)
     x = sample_inputs(model, rows=3, src_len=7, past_len=4)
     first = FirstStepDecoderGraph(model).eval()
-    cached = CachedStepDecoderGraph(model).eval()
+    cached = CachedStepReference(model).eval()
     with torch.inference_mode():
         expected_first = first(x["decoder_input_ids"], x["encoder_hidden_states"], x["attention_mask"])
         expected_cached = cached(
@@ -119,8 +119,8 @@ def check_decoder_branches(model, session: ort.InferenceSession, tol: Tolerance)
                 **common,
                 spec.USE_CACHE_BRANCH: torch.tensor([False]),
                 spec.ENCODER_HIDDEN_STATES: x["encoder_hidden_states"],
-                spec.PAST_SELF_KV: no_kv,
-                spec.CROSS_KV: no_kv,
+                **spec.layer_kv_feeds(spec.PAST_SELF_KV, no_kv),
+                **spec.layer_kv_feeds(spec.CROSS_KV, no_kv),
                 spec.DECODER_SELF_MASK: torch.ones((3, 1), dtype=torch.int64),
             }
         ),
@@ -132,8 +132,8 @@ def check_decoder_branches(model, session: ort.InferenceSession, tol: Tolerance)
                 **common,
                 spec.USE_CACHE_BRANCH: torch.tensor([True]),
                 spec.ENCODER_HIDDEN_STATES: torch.empty(3, 0, dims.d_model),
-                spec.PAST_SELF_KV: x["past_self_kv"],
-                spec.CROSS_KV: x["cross_kv"],
+                **spec.layer_kv_feeds(spec.PAST_SELF_KV, x["past_self_kv"]),
+                **spec.layer_kv_feeds(spec.CROSS_KV, x["cross_kv"]),
                 spec.DECODER_SELF_MASK: x["decoder_attention_mask"],
             }
         ),
@@ -172,8 +172,10 @@ def _check_left_padding(session, x: dict, padded_logits: np.ndarray, dims: spec.
             spec.DECODER_INPUT_IDS: x["decoder_input_ids"][row : row + 1],
             spec.ENCODER_HIDDEN_STATES: torch.empty(1, 0, dims.d_model),
             spec.DECODER_ENCODER_MASK: x["attention_mask"][row : row + 1],
-            spec.PAST_SELF_KV: x["past_self_kv"][:, :, row : row + 1, :, x["past_self_kv"].shape[4] - past :],
-            spec.CROSS_KV: x["cross_kv"][:, :, row : row + 1],
+            **spec.layer_kv_feeds(
+                spec.PAST_SELF_KV, x["past_self_kv"][:, :, row : row + 1, :, x["past_self_kv"].shape[4] - past :]
+            ),
+            **spec.layer_kv_feeds(spec.CROSS_KV, x["cross_kv"][:, :, row : row + 1]),
             spec.DECODER_SELF_MASK: torch.ones((1, past + 1), dtype=torch.int64),
         }
         alone.append(run_numpy(session, _np(feeds))[spec.LOGITS])

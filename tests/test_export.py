@@ -29,7 +29,7 @@ def _subgraphs(node: onnx.NodeProto) -> dict[str, onnx.GraphProto]:
     return {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
 
 
-def test_merged_decoder_is_one_if_node_with_both_branches(merged):
+def test_merged_decoder_is_one_if_node_with_both_branches(tiny, merged):
     nodes = merged.graph.node
     assert [n.op_type for n in nodes] == ["If"]
     assert list(nodes[0].input) == [spec.USE_CACHE_BRANCH]
@@ -43,7 +43,8 @@ def test_merged_decoder_is_one_if_node_with_both_branches(merged):
     assert condition.name == spec.USE_CACHE_BRANCH
     assert condition.type.tensor_type.elem_type == onnx.TensorProto.BOOL
     assert [d.dim_value for d in condition.type.tensor_type.shape.dim] == [1]
-    assert [i.name for i in merged.graph.input] == list(spec.DECODER_INPUTS)
+    layers = spec.ModelDims.from_hf(tiny.model.config).num_decoder_layers
+    assert [i.name for i in merged.graph.input] == list(spec.decoder_input_names(layers))
     assert [o.name for o in merged.graph.output] == list(spec.DECODER_OUTPUTS)
 
 
@@ -71,8 +72,12 @@ def test_merged_decoder_stores_each_weight_once(tiny, tiny_graphs, merged):
 def test_kv_shapes_come_from_the_config(tiny, merged):
     dims = spec.ModelDims.from_hf(tiny.model.config, tiny.model.generation_config)
     by_name = {i.name: i for i in merged.graph.input}
-    shape = [d.dim_value or d.dim_param for d in by_name[spec.PAST_SELF_KV].type.tensor_type.shape.dim]
-    assert shape == [dims.num_decoder_layers, 2, "rows", dims.num_heads, "past_len", dims.d_kv]
+    for prefix, length in ((spec.PAST_SELF_KV, "past_len"), (spec.CROSS_KV, "src_len")):
+        names = spec.layer_kv_names(prefix, dims.num_decoder_layers)
+        assert len(names) == 2 * dims.num_decoder_layers
+        for name in names:
+            shape = [d.dim_value or d.dim_param for d in by_name[name].type.tensor_type.shape.dim]
+            assert shape == ["rows", dims.num_heads, length, dims.d_kv]
     # random-tiny has more decoder than encoder layers on purpose: the two counts must not be mixed up
     assert dims.num_decoder_layers != dims.num_encoder_layers
 

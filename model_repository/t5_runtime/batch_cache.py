@@ -47,6 +47,8 @@ class BatchCache:
         self.self_mask: torch.Tensor | None = None  # int64 [rows, past]
         self.cross_kv: torch.Tensor | None = None  # [layers, 2, rows, heads, src, d_kv], right-padded
         self.cross_mask: torch.Tensor | None = None  # int64 [rows, src]
+        self._cross_views: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self._new_kv: torch.Tensor | None = None  # K/V of the last step's new position, not yet appended
 
     @property
     def rows(self) -> int:
@@ -64,8 +66,8 @@ class BatchCache:
                 spec.DECODER_INPUT_IDS: tokens.to(torch.int64).view(rows, 1),
                 spec.ENCODER_HIDDEN_STATES: encoder_states,
                 spec.DECODER_ENCODER_MASK: encoder_mask.to(torch.int64),
-                spec.PAST_SELF_KV: no_kv,
-                spec.CROSS_KV: no_kv,
+                **spec.layer_kv_feeds(spec.PAST_SELF_KV, no_kv),
+                **spec.layer_kv_feeds(spec.CROSS_KV, no_kv),
                 spec.DECODER_SELF_MASK: torch.ones((rows, 1), dtype=torch.int64, device=tokens.device),
             },
             spec.DECODER_OUTPUTS,
@@ -78,6 +80,7 @@ class BatchCache:
         if self.self_kv is None:
             self.self_kv, self.self_mask, self.cross_kv, self.cross_mask = self_kv, new_mask, cross_kv, cross_mask
             return
+        self._append_new()
         past = self.self_kv.shape[spec.KV_SEQ_AXIS]
         self.self_kv = torch.cat([self.self_kv, _pad_axis(self_kv, spec.KV_SEQ_AXIS, past - 1, 0)], spec.KV_ROW_AXIS)
         self.self_mask = torch.cat([self.self_mask, _pad_axis(new_mask, 1, past - 1, 0)], 0)
@@ -96,6 +99,7 @@ class BatchCache:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One cached step of every row: tokens int64 [rows] -> logits [rows, vocab]."""
+        self._append_new()
         rows = tokens.shape[0]
         if self._no_states is None or self._no_states.shape[0] != rows:
             self._no_states = self.cross_kv.new_empty((rows, 0, self._dims.d_model))
@@ -106,15 +110,42 @@ class BatchCache:
                 spec.DECODER_INPUT_IDS: tokens.to(torch.int64).view(rows, 1),
                 spec.ENCODER_HIDDEN_STATES: self._no_states,
                 spec.DECODER_ENCODER_MASK: self.cross_mask,
-                spec.PAST_SELF_KV: self.self_kv,
-                spec.CROSS_KV: self.cross_kv,
+                **spec.layer_kv_feeds(spec.PAST_SELF_KV, self.self_kv),
+                **self._cross_feeds(),
                 spec.DECODER_SELF_MASK: mask,
             },
             _CACHED_STEP_OUTPUTS,
         )
-        self.self_kv = torch.cat([self.self_kv, out[spec.NEW_SELF_KV]], spec.KV_SEQ_AXIS)
+        # Appended by the next `take` (or step), together with the beam reorder: one copy of the cache, not two.
+        self._new_kv = out[spec.NEW_SELF_KV]
         self.self_mask = mask
         return out[spec.LOGITS]
+
+    def _append_new(self, rows: torch.Tensor | None = None) -> None:
+        """Self K/V := (past + the last step's new position)[rows], written once into a new tensor."""
+        if self._new_kv is None:
+            return
+        past, new = self.self_kv, self._new_kv
+        self._new_kv = None
+        shape = list(past.shape)
+        shape[spec.KV_SEQ_AXIS] += 1
+        if rows is not None:
+            shape[spec.KV_ROW_AXIS] = rows.shape[0]
+        merged = past.new_empty(shape)
+        length = past.shape[spec.KV_SEQ_AXIS]
+        if rows is None:
+            merged.narrow(spec.KV_SEQ_AXIS, 0, length).copy_(past)
+            merged.narrow(spec.KV_SEQ_AXIS, length, 1).copy_(new)
+        else:
+            torch.index_select(past, spec.KV_ROW_AXIS, rows, out=merged.narrow(spec.KV_SEQ_AXIS, 0, length))
+            torch.index_select(new, spec.KV_ROW_AXIS, rows, out=merged.narrow(spec.KV_SEQ_AXIS, length, 1))
+        self.self_kv = merged
+
+    def _cross_feeds(self) -> dict[str, torch.Tensor]:
+        # The same view objects while the cross K/V stay the same, so a BLS caller can skip resending them.
+        if self._cross_views is None or self._cross_views[0] is not self.cross_kv:
+            self._cross_views = (self.cross_kv, spec.layer_kv_feeds(spec.CROSS_KV, self.cross_kv))
+        return self._cross_views[1]
 
     def take(self, self_rows: torch.Tensor, cross_rows: torch.Tensor) -> None:
         """New row i = old row self_rows[i] for self-attention state and cross_rows[i] for the rest
@@ -123,8 +154,13 @@ class BatchCache:
             self.clear()
             return
         rows = self.rows
-        if not _is_identity(self_rows, rows):
-            self.self_kv = self.self_kv.index_select(spec.KV_ROW_AXIS, self_rows)
+        if _is_identity(self_rows, rows):
+            self._append_new()
+        else:
+            if self._new_kv is None:
+                self.self_kv = self.self_kv.index_select(spec.KV_ROW_AXIS, self_rows)
+            else:
+                self._append_new(self_rows)
             self.self_mask = self.self_mask.index_select(0, self_rows)
         if not _is_identity(cross_rows, rows):
             self.cross_kv = self.cross_kv.index_select(spec.KV_ROW_AXIS, cross_rows)
@@ -132,18 +168,18 @@ class BatchCache:
             self._trim()
 
     def clear(self) -> None:
-        self.self_kv = self.self_mask = self.cross_kv = self.cross_mask = None
+        self.self_kv = self.self_mask = self.cross_kv = self.cross_mask = self._new_kv = None
 
     def _trim(self) -> None:
         """Drop past positions no row uses any more (the longest request left) and encoder padding."""
         used = self.self_mask.any(dim=0)
         start = int(used.to(torch.int8).argmax())
         if start:
-            self.self_kv = self.self_kv.narrow(spec.KV_SEQ_AXIS, start, used.shape[0] - start)
+            # Contiguous: the decoder reads each layer's K and V as a view, which must be one block.
+            self.self_kv = self.self_kv.narrow(spec.KV_SEQ_AXIS, start, used.shape[0] - start).contiguous()
             self.self_mask = self.self_mask[:, start:]
         used = self.cross_mask.any(dim=0)
         end = used.shape[0] - int(used.flip(0).to(torch.int8).argmax())
         if end < used.shape[0]:
-            # Contiguous once here, rather than on every call that sends it.
             self.cross_kv = self.cross_kv.narrow(spec.KV_SEQ_AXIS, 0, end).contiguous()
             self.cross_mask = self.cross_mask[:, :end]

@@ -22,8 +22,11 @@ USE_CACHE_BRANCH = "use_cache_branch"  # bool [1]; False on the first step
 DECODER_INPUT_IDS = "decoder_input_ids"  # int64 [rows, 1]
 # ENCODER_HIDDEN_STATES is a decoder input too: real on the first step, [rows, 0, d_model] after.
 DECODER_ENCODER_MASK = "encoder_attention_mask"  # int64 [rows, src_len], every step
-PAST_SELF_KV = "past_self_kv"  # float [layers, 2, rows, heads, past_len, d_kv]; past_len 0 on step 1
-CROSS_KV = "cross_kv"  # float [layers, 2, rows, heads, src_len, d_kv]; empty on step 1
+# Past K/V go in as one input per layer and kind, [rows, heads, len, d_kv] each: the caller keeps them packed
+# ([layers, 2, rows, heads, len, d_kv]) and passes views, which ONNX Runtime reads in place, where slicing one
+# packed input inside the graph would copy all of it on every step. Past length 0 on the first step.
+PAST_SELF_KV = "past_self"  # names: past_self_{layer}_key, past_self_{layer}_value
+CROSS_KV = "cross"  # cross_{layer}_key, cross_{layer}_value: [rows, heads, src_len, d_kv]; empty on step 1
 # int64 [rows, past_len + 1], 1 = a real position (the last is the new token). Rows whose pasts differ
 # in length share one call with their pasts left-padded: T5's relative position bias depends only on
 # key - query, which left padding keeps. Read by the cached branch only.
@@ -31,17 +34,31 @@ DECODER_SELF_MASK = "decoder_attention_mask"
 LOGITS = "logits"  # float32 [rows, vocab] for the new position only
 NEW_SELF_KV = "new_self_kv"  # float [layers, 2, rows, heads, 1, d_kv]: only the new position
 NEW_CROSS_KV = "new_cross_kv"  # float [layers, 2, rows, heads, src_len, d_kv] on step 1, empty after
-
-DECODER_INPUTS = (
-    USE_CACHE_BRANCH,
-    DECODER_INPUT_IDS,
-    ENCODER_HIDDEN_STATES,
-    DECODER_ENCODER_MASK,
-    PAST_SELF_KV,
-    CROSS_KV,
-    DECODER_SELF_MASK,
-)
 DECODER_OUTPUTS = (LOGITS, NEW_SELF_KV, NEW_CROSS_KV)
+
+
+def layer_kv_names(prefix: str, layers: int) -> tuple[str, ...]:
+    """The per-layer inputs of one packed K/V tensor, in packed order (layer, then key/value)."""
+    return tuple(f"{prefix}_{layer}_{kind}" for layer in range(layers) for kind in ("key", "value"))
+
+
+def layer_kv_feeds(prefix: str, packed):
+    """Packed [layers, 2, ...] K/V (torch or numpy) -> {input name: view of one layer's K or V}."""
+    names = layer_kv_names(prefix, packed.shape[0])
+    return {name: packed[index // 2, index % 2] for index, name in enumerate(names)}
+
+
+def decoder_input_names(layers: int) -> tuple[str, ...]:
+    return (
+        USE_CACHE_BRANCH,
+        DECODER_INPUT_IDS,
+        ENCODER_HIDDEN_STATES,
+        DECODER_ENCODER_MASK,
+        *layer_kv_names(PAST_SELF_KV, layers),
+        *layer_kv_names(CROSS_KV, layers),
+        DECODER_SELF_MASK,
+    )
+
 
 # Axis of the sequence inside packed K/V tensors, and of the rows (batch x beams).
 KV_ROW_AXIS = 2
