@@ -1,123 +1,147 @@
-"""`t5-triton bench`: the served path next to in-process `transformers.generate`, measured in one run.
+"""`t5-triton bench`: the served path next to in-process engines, measured in one run.
 
-Every engine runs in its own process (a fresh interpreter per engine and pass), engines alternate
-pass by pass, each timing is one generate call after a warm-up, and the table shows medians. Inputs
-are fixed random token ids (`input_tokens` long, EOS last); outputs are forced to exactly
+Every engine runs in its own process (a fresh interpreter per engine and pass, `t5_triton.bench_worker`),
+engines alternate pass by pass, each timing is one generate call after a warm-up, and the table shows
+medians. Inputs are fixed random token ids (`input_tokens` long, EOS last); outputs are forced to exactly
 `new_tokens` (min = max new tokens) so every engine does the same work.
+
+Engines: `transformers.generate`; the served path over gRPC and HTTP (fp32 repository) and over gRPC on a
+second server with the int8 repository; CTranslate2 when installed; Optimum ORT under an interpreter of its
+own. Besides: each server's memory (RSS of tritonserver and its stubs, sampled all along), the arrival time
+of each token of one streamed greedy answer per engine, and the per-step split of the served decoding
+(decoder compute vs the rest), measured in process on the repository's own serving code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from t5_triton import bench_worker
+from t5_triton.bench_worker import CELLS, BenchConfig, make_inputs
 
-@dataclass(frozen=True)
-class Cell:
-    name: str
-    batch: int
-    num_beams: int
+__all__ = ["CELLS", "BenchConfig", "LoadConfig", "run_bench", "run_concurrency"]
 
-
-CELLS = (Cell("greedy b1", 1, 1), Cell("beam4 b1", 1, 4), Cell("greedy b8", 8, 1), Cell("beam4 b8", 8, 4))
 ENGINES = ("transformers", "served-grpc", "served-http")
+INT8 = "served-grpc-int8"  # the int8 repository, on a server of its own
 CTRANSLATE2 = "ctranslate2"  # measured too when installed (`pip install 't5-triton[bench]'`)
+OPTIMUM = "optimum"  # measured when `optimum_python` names an interpreter with optimum[onnxruntime]
+SPLIT = "split"  # not an engine: the per-step split of the served decoding, in process
+TIMELINE_CELL = "greedy b1"
+_TOKENIZER_FILE = "t5_generate/1/tokenizer/tokenizer.json"
+_MB = 1024 * 1024
 
 
-def _engines() -> tuple[str, ...]:
-    import importlib.util
-
-    return (*ENGINES, CTRANSLATE2) if importlib.util.find_spec("ctranslate2") else ENGINES
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    checkpoint: str  # folder with the HF checkpoint the repository was built from
-    repository: str
-    input_tokens: int = 32
-    new_tokens: int = 64
-    runs: int = 5
-    threads: int = 2
-    cells: tuple[str, ...] = tuple(c.name for c in CELLS)
+def _engines(config: BenchConfig) -> tuple[str, ...]:
+    engines = [*ENGINES, INT8] if config.int8_repository else [*ENGINES]
+    if importlib.util.find_spec("ctranslate2"):
+        engines.append(CTRANSLATE2)
+    if config.optimum_python:
+        engines.append(OPTIMUM)
+    return tuple(engines)
 
 
-def make_inputs(batch: int, length: int, vocab: int, eos: int = 1) -> list[list[int]]:
-    """Deterministic token ids in [3, vocab) then EOS: a fixed, realistic-length input per row."""
-    import random
+def tree_rss(pids: Iterable[int]) -> int:
+    """Resident memory (VmRSS) of these processes summed, in bytes; a process gone or a zombie counts 0.
 
-    rng = random.Random(batch * 1000 + length)
-    return [[rng.randrange(3, vocab) for _ in range(length - 1)] + [eos] for _ in range(batch)]
-
-
-def _time_calls(call, runs: int) -> list[float]:
-    call()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return times
+    Shared memory mapped by several of them (the python backend's regions) counts once per process."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
 
 
-def _worker_transformers(config: BenchConfig) -> dict[str, list[float]]:
-    import torch
-    from transformers import DynamicCache, EncoderDecoderCache, GenerationConfig, T5ForConditionalGeneration
+class PeakRss:
+    """Samples the summed RSS of a process tree (tritonserver and its python-backend stubs) in a thread.
 
-    torch.set_num_threads(config.threads)
-    model = T5ForConditionalGeneration.from_pretrained(config.checkpoint).eval()
-    vocab = min(model.config.vocab_size, 32000)
-    results = {}
-    for cell in (c for c in CELLS if c.name in config.cells):
-        ids = torch.tensor(make_inputs(cell.batch, config.input_tokens, vocab))
-        generation = GenerationConfig(
-            decoder_start_token_id=0,
-            eos_token_id=1,
-            pad_token_id=0,
-            num_beams=cell.num_beams,
-            max_new_tokens=config.new_tokens,
-            min_new_tokens=config.new_tokens,
-        )
+    The tree is read once, at start: a ready server's stubs are all there and stay."""
 
-        def call(ids=ids, generation=generation):
-            with torch.inference_mode():
-                cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-                model.generate(input_ids=ids, generation_config=generation, past_key_values=cache)
+    def __init__(self, pid: int, interval: float = 0.1):
+        from t5_triton.server import process_tree
 
-        results[cell.name] = _time_calls(call, config.runs)
-    return results
+        self.pids = process_tree(pid)
+        self.interval = interval
+        self.start_bytes = self.peak_bytes = tree_rss(self.pids)
+        self.after_pass_bytes: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_bytes = max(self.peak_bytes, tree_rss(self.pids))
+
+    def mark_pass(self) -> None:
+        self.after_pass_bytes.append(tree_rss(self.pids))
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "processes": len(self.pids),
+            "start_bytes": self.start_bytes,
+            "peak_bytes": self.peak_bytes,
+            "after_pass_bytes": self.after_pass_bytes,
+        }
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, tree_rss(self.pids))
 
 
-def _worker_ctranslate2(config: BenchConfig, model_dir: str, vocab: int) -> dict[str, list[float]]:
-    """CTranslate2 fp32 on the same checkpoint (converted once by `run_bench`), same ids, same forced length."""
-    import ctranslate2
-    from transformers import AutoTokenizer
+def int8_agreement(repository: Path | str) -> dict:
+    """What the int8 build measured against fp32 (its build_report.json): token match rates and logit error."""
+    precision = json.loads((Path(repository) / "build_report.json").read_text())["precision"]
+    if precision["precision"] != "int8":
+        raise ValueError(f"{repository} was built with --precision {precision['precision']}, not int8")
+    return {key: precision[key] for key in ("method", "token_match_rate", "logits_vs_fp32", "bytes")}
 
-    tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
-    translator = ctranslate2.Translator(model_dir, device="cpu", inter_threads=1, intra_threads=config.threads)
-    results = {}
-    for cell in (c for c in CELLS if c.name in config.cells):
-        source = [tokenizer.convert_ids_to_tokens(row) for row in make_inputs(cell.batch, config.input_tokens, vocab)]
 
-        def call(source=source, beams=cell.num_beams):
-            translator.translate_batch(
-                source,
-                beam_size=beams,
-                max_decoding_length=config.new_tokens,
-                min_decoding_length=config.new_tokens,
-            )
+def split_summary(samples: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per cell, medians of the split worker's runs: decoder calls, and milliseconds per call or per step."""
+    summary = {}
+    for cell, runs in samples.items():
+        if not runs:
+            continue
+        median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        steps = median["steps"]
+        summary[cell] = {
+            "steps": steps,
+            "total_ms": median["total_s"] * 1000,
+            "encoder_ms": median["encoder_s"] * 1000,
+            "decoder_ms_per_step": median["decoder_s"] * 1000 / steps,
+            "logic_ms_per_step": median["logic_s"] * 1000 / steps,
+        }
+    return summary
 
-        results[cell.name] = _time_calls(call, config.runs)
-    return results
+
+def _timeline_input(repository: str, input_tokens: int, vocab: int) -> tuple[str, list[int]]:
+    """The streamed request's text (the stream model takes text) and its ids as the server tokenizes it, which
+    the in-process engines get: the fixed ids decoded, so about `input_tokens` long."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(repository) / _TOKENIZER_FILE))
+    text = tokenizer.decode(make_inputs(1, input_tokens, vocab)[0], skip_special_tokens=True)
+    return text, tokenizer.encode(text).ids
 
 
 def _convert_ctranslate2(checkpoint: str, directory: Path) -> Path:
@@ -128,76 +152,101 @@ def _convert_ctranslate2(checkpoint: str, directory: Path) -> Path:
     return directory
 
 
-def _worker_served(config: BenchConfig, protocol: str, url: str, vocab: int) -> dict[str, list[float]]:
-    from t5_triton.client.api import T5Client
-
-    results = {}
-    with T5Client(url, protocol) as client:
-        for cell in (c for c in CELLS if c.name in config.cells):
-            ids = make_inputs(cell.batch, config.input_tokens, vocab)
-            params = {"num_beams": cell.num_beams, "max_new_tokens": config.new_tokens}
-            params["min_new_tokens"] = config.new_tokens
-
-            def call(ids=ids, params=params):
-                client.generate(input_ids=ids, **params)
-
-            results[cell.name] = _time_calls(call, config.runs)
-    return results
-
-
-def _run_worker(engine: str, config: BenchConfig, extra: dict) -> dict[str, list[float]]:
-    """One engine, one pass, in a fresh interpreter."""
+def _run_worker(engine: str, config: BenchConfig, extra: dict, python: str | None = None) -> dict:
+    """One engine, one pass, in a fresh interpreter: ours, or `python` running the worker file in isolated mode
+    (neither our site-packages nor the worker's folder on its path)."""
     payload = json.dumps({"engine": engine, "config": asdict(config), **extra})
+    if python:
+        command = [python, "-I", bench_worker.__file__, payload]
+    else:
+        command = [sys.executable, "-m", "t5_triton.bench_worker", payload]
     env = {**os.environ, "OMP_NUM_THREADS": str(config.threads)}
-    done = subprocess.run(
-        [sys.executable, "-m", "t5_triton.bench", payload], capture_output=True, text=True, env=env, check=False
-    )
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{engine} worker failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_bench(config: BenchConfig, passes: int, console: Console, output_json: Path | None = None) -> dict:
+def run_bench(
+    config: BenchConfig, passes: int, console: Console, output_json: Path | None = None, plot: Path | None = None
+) -> dict:
     from t5_triton.model_repository.t5_runtime.spec import ServingSpec
     from t5_triton.server import Ports, TritonServer
 
-    serving = ServingSpec.load(Path(config.repository) / "t5_generate" / "1")
+    repository = Path(config.repository)
+    serving = ServingSpec.load(repository / "t5_generate" / "1")
     vocab = min(serving.dims.vocab_size, 32000)
-    engines = _engines()
-    samples: dict[str, dict[str, list[float]]] = {e: {c: [] for c in config.cells} for e in engines}
-    ct2_dir = None
+    engines = _engines(config)
+    text, timeline_ids = _timeline_input(config.repository, config.input_tokens, vocab)
+    streaming = (repository / "t5_generate_stream").is_dir()
+    model_dirs = {OPTIMUM: str(repository.parent / "optimum")}
     if CTRANSLATE2 in engines:
-        ct2_dir = str(_convert_ctranslate2(config.checkpoint, Path(config.repository).parent / "ctranslate2"))
-    log_file = Path(tempfile.gettempdir()) / "t5-triton-bench-server.log"
-    with TritonServer(Path(config.repository), Ports.free(), log_file=log_file) as server:
-        urls = {"served-grpc": ("grpc", server.grpc_url), "served-http": ("http", server.http_url)}
+        model_dirs[CTRANSLATE2] = str(_convert_ctranslate2(config.checkpoint, repository.parent / "ctranslate2"))
+    samples: dict[str, dict[str, list[float]]] = {e: {c: [] for c in config.cells} for e in engines}
+    timelines: dict[str, list[list[float]]] = {}
+    split_samples: dict[str, list[dict[str, float]]] = {c: [] for c in config.cells}
+    versions: dict[str, dict[str, str]] = {}
+    repositories = {"fp32": config.repository, "int8": config.int8_repository}
+    with contextlib.ExitStack() as stack:
+        servers, memory = {}, {}
+        for name, path in repositories.items():
+            if path:
+                log_file = Path(tempfile.gettempdir()) / f"t5-triton-bench-server-{name}.log"
+                servers[name] = stack.enter_context(TritonServer(Path(path), Ports.free(), log_file=log_file))
+                memory[name] = stack.enter_context(PeakRss(servers[name].process.pid))
+        urls = {"served-grpc": ("grpc", servers["fp32"].grpc_url), "served-http": ("http", servers["fp32"].http_url)}
+        if "int8" in servers:
+            urls[INT8] = ("grpc", servers["int8"].grpc_url)
         for number in range(passes):
-            for engine in engines:
+            for engine in (*engines, SPLIT):
                 console.print(f"pass {number + 1}/{passes}: {engine}")
-                extra = {"vocab": vocab}
+                extra: dict[str, object] = {"vocab": vocab, "timeline_ids": timeline_ids}
                 if engine in urls:
-                    extra.update(protocol=urls[engine][0], url=urls[engine][1])
-                elif engine == CTRANSLATE2:
-                    extra["model_dir"] = ct2_dir
-                for cell, times in _run_worker(engine, config, extra).items():
+                    protocol, url = urls[engine]
+                    extra.update(protocol=protocol, url=url, timeline_text=text if streaming else None)
+                elif engine == SPLIT:
+                    extra = {"repository": config.repository}
+                elif engine in model_dirs:
+                    extra["model_dir"] = model_dirs[engine]
+                result = _run_worker(engine, config, extra, config.optimum_python if engine == OPTIMUM else None)
+                for cell, times in result.get("times", {}).items():
                     samples[engine][cell].extend(times)
+                for cell, runs in result.get("split", {}).items():
+                    split_samples[cell].extend(runs)
+                if "timeline" in result:
+                    timelines.setdefault(engine, []).extend(result["timeline"])
+                if "versions" in result:
+                    versions[engine] = result["versions"]
+            for sampler in memory.values():
+                sampler.mark_pass()
     report = {
         "config": asdict(config),
         "passes": passes,
         "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "versions": versions,
         "median_s": {e: {c: statistics.median(t) for c, t in cells.items()} for e, cells in samples.items()},
         "samples_s": samples,
+        "memory": {name: {"repository": repositories[name], **m.summary()} for name, m in memory.items()},
+        "int8": int8_agreement(config.int8_repository) if config.int8_repository else None,
+        "split": split_summary(split_samples),
+        "split_samples": split_samples,
+        "timeline": {"cell": TIMELINE_CELL, "input_tokens": len(timeline_ids), "arrivals_s": timelines},
     }
-    _print_table(report, config, console)
+    _print_report(report, config, console)
     if output_json:
         output_json.write_text(json.dumps(report, indent=2) + "\n")
+    if plot:
+        from t5_triton.bench_plot import plot_report
+
+        plot_report(report, plot)
+        console.print(f"plot: {plot}")
     return report
 
 
-def _print_table(report: dict, config: BenchConfig, console: Console) -> None:
+def _print_report(report: dict, config: BenchConfig, console: Console) -> None:
     medians = report["median_s"]
     table = Table(title=f"{config.input_tokens} input tokens, {config.new_tokens} forced new tokens; median seconds")
-    table.add_column("engine")
+    table.add_column("engine", no_wrap=True)
     for cell in config.cells:
         table.add_column(cell, justify="right")
     for engine in medians:
@@ -208,6 +257,46 @@ def _print_table(report: dict, config: BenchConfig, console: Console) -> None:
             tokens = batch * config.new_tokens / seconds
             row.append(f"{seconds:.3f} s ({base / seconds:.2f}x) {tokens:.0f} tok/s")
         table.add_row(engine, *row)
+    console.print(table)
+    for name, memory in report["memory"].items():
+        after = ", ".join(f"{value / _MB:.0f}" for value in memory["after_pass_bytes"])
+        console.print(
+            f"server memory, {name} repository (RSS summed over tritonserver and {memory['processes'] - 1} stubs): "
+            f"{memory['start_bytes'] / _MB:.0f} MB when ready, peak {memory['peak_bytes'] / _MB:.0f} MB, "
+            f"after each pass {after} MB"
+        )
+    if report["int8"]:
+        agreement = report["int8"]
+        matches = ", ".join(f"{name} {rate:.3f}" for name, rate in agreement["token_match_rate"].items())
+        logits = agreement["logits_vs_fp32"]
+        console.print(
+            f"int8 repository vs fp32 (its build_report.json): token match with transformers fp32: {matches}; "
+            f"logits max abs diff {logits['max_abs_diff']:.3g} (rel error {logits['rel_error']:.3g})"
+        )
+    _print_split(report, console)
+    for engine, versions in report["versions"].items():
+        console.print(f"{engine}: " + ", ".join(f"{name} {version}" for name, version in versions.items()))
+
+
+def _print_split(report: dict, console: Console) -> None:
+    table = Table(
+        title="served decoding per step, in process on the repository's t5_runtime (decoder compute vs the rest); "
+        "served extra: gRPC median minus the in-process call"
+    )
+    for column in ("cell", "steps", "encoder", "decoder / step", "logic / step", "logic share", "served extra / step"):
+        table.add_column(column, justify="right")
+    for cell, split in report["split"].items():
+        decoder, logic, steps = split["decoder_ms_per_step"], split["logic_ms_per_step"], split["steps"]
+        served = report["median_s"]["served-grpc"][cell] * 1000
+        table.add_row(
+            cell,
+            f"{steps:.0f}",
+            f"{split['encoder_ms']:.2f} ms",
+            f"{decoder:.2f} ms",
+            f"{logic:.2f} ms",
+            f"{logic / (decoder + logic):.0%}",
+            f"{(served - split['total_ms']) / steps:.2f} ms",
+        )
     console.print(table)
 
 
@@ -323,19 +412,3 @@ def _print_concurrency(report: dict, console: Console) -> None:
             f"first streamed piece (greedy, 1 client, kept connection): {first * 1000:.1f} ms = "
             f"{first / step:.2f} decoding steps of {step * 1000:.1f} ms (one client's p50 latency / new tokens)"
         )
-
-
-def _worker_main(payload: str) -> None:
-    data = json.loads(payload)
-    config = BenchConfig(**{**data["config"], "cells": tuple(data["config"]["cells"])})
-    if data["engine"] == CTRANSLATE2:
-        result = _worker_ctranslate2(config, data["model_dir"], data["vocab"])
-    elif data["engine"] == "transformers":
-        result = _worker_transformers(config)
-    else:
-        result = _worker_served(config, data["protocol"], data["url"], data["vocab"])
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    _worker_main(sys.argv[1])

@@ -365,9 +365,12 @@ def _add_bench(subparsers) -> None:
 
     p = subparsers.add_parser(
         "bench",
-        help="time the served path next to in-process transformers.generate",
-        description="Build (or reuse) a repository, start the server, and time generate calls of every engine, "
-        "each in its own process, alternating engines pass by pass; print a table of medians and ratios.",
+        help="time the served path (fp32 and int8) next to in-process engines",
+        description="Build (or reuse) fp32 and int8 repositories, start a server for each, and time generate calls "
+        "of every engine (transformers, served over gRPC and HTTP, served int8, CTranslate2 when installed, "
+        "Optimum ORT with --optimum-python), each in its own process, alternating engines pass by pass; print a "
+        "table of medians and ratios, each server's memory, the int8 build's agreement with fp32, and the "
+        "per-step split of the served decoding.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default="random-t5-small", help="preset, local checkpoint folder or hub id")
@@ -376,9 +379,31 @@ def _add_bench(subparsers) -> None:
     p.add_argument("--new-tokens", type=_positive, default=64, help="forced: min = max new tokens")
     p.add_argument("--passes", type=_positive, default=3, help="processes per engine")
     p.add_argument("--runs", type=_positive, default=5, help="timed calls per pass, after one warm-up")
-    p.add_argument("--threads", type=_positive, default=2, help="torch threads of the transformers engine")
+    p.add_argument(
+        "--threads", type=_positive, default=2, help="threads of the in-process engines and of the split's sessions"
+    )
     p.add_argument("--cells", nargs="+", default=[c.name for c in CELLS], choices=[c.name for c in CELLS])
     p.add_argument("--json", type=Path, help="also write the medians and every sample here")
+    p.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure a repository built with --precision int8 from the same checkpoint, on a server of its "
+        "own: REPOSITORY-int8 next to the fp32 one, built fresh along with it, or reused when present next to a "
+        "given --repository",
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        help="draw a PNG here (needs matplotlib, the `bench` extra): time per token over the sequence for each "
+        "engine (greedy b1) and the per-step split of the served decoding",
+    )
+    p.add_argument(
+        "--optimum-python",
+        metavar="PYTHON",
+        help="a Python interpreter with optimum[onnxruntime] installed (optimum caps transformers < 4.58, so it "
+        "lives in a venv of its own): adds Optimum ORT to the table, exported once next to the repository",
+    )
     p.add_argument(
         "--concurrency",
         type=_positive,
@@ -395,29 +420,53 @@ def _run_bench(args: argparse.Namespace) -> int:
     from t5_triton.builder.build import BuildOptions, build
     from t5_triton.builder.presets import is_preset, make_preset
 
+    _check_bench_extras(args)
     work = Path("build") / f"bench-{Path(args.model).name}"
     checkpoint = args.model
     if is_preset(args.model):
         checkpoint = str(make_preset(args.model, work / "checkpoint"))
-    repository = args.repository
-    if repository is None:  # built fresh: a repository left by older code would measure that code
+    repository, fresh = args.repository, args.repository is None
+    if fresh:  # built fresh: a repository left by older code would measure that code
         repository = work / "repo"
         build(BuildOptions(model=checkpoint, output=repository, force=True), _console)
     if args.concurrency:
         load = LoadConfig(str(repository), tuple(args.concurrency), args.duration, args.input_tokens, args.new_tokens)
         run_concurrency(load, _console, args.json)
         return 0
+    int8 = repository.parent / f"{repository.name}-int8" if args.int8 else None
+    if int8 and (fresh or not (int8 / "build_report.json").is_file()):
+        build(BuildOptions(model=checkpoint, output=int8, precision="int8", force=True), _console)
     config = BenchConfig(
         checkpoint=checkpoint,
         repository=str(repository),
+        int8_repository=str(int8) if int8 else None,
+        optimum_python=args.optimum_python,
         input_tokens=args.input_tokens,
         new_tokens=args.new_tokens,
         runs=args.runs,
         threads=args.threads,
         cells=tuple(args.cells),
     )
-    run_bench(config, args.passes, _console, args.json)
+    run_bench(config, args.passes, _console, args.json, args.plot)
     return 0
+
+
+def _check_bench_extras(args: argparse.Namespace) -> None:
+    """Before any build: --plot needs matplotlib here, --optimum-python an interpreter that imports optimum."""
+    import importlib.util
+    import subprocess
+
+    if args.plot and not importlib.util.find_spec("matplotlib"):
+        raise BuildError("--plot needs matplotlib: pip install -c requirements/constraints.txt -e '.[bench]'")
+    if args.optimum_python:
+        probe = [args.optimum_python, "-I", "-c", "import optimum.onnxruntime"]
+        try:
+            done = subprocess.run(probe, capture_output=True, text=True, check=False)
+        except OSError as err:
+            raise BuildError(f"--optimum-python {args.optimum_python}: {err}") from err
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no error text"])[-1]
+            raise BuildError(f"--optimum-python {args.optimum_python} cannot import optimum.onnxruntime: {last}")
 
 
 def make_parser() -> argparse.ArgumentParser:
