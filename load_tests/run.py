@@ -18,8 +18,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -27,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from t5_triton.server import Ports, TritonServer, process_tree
+from t5_triton.memory import MemorySampler, memory_total, tree_memory
+from t5_triton.server import Ports, TritonServer
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 # locustfile.BAD_REQUEST; importing the locustfile here would monkey-patch this process with gevent.
@@ -98,87 +97,17 @@ def is_ready(http: str) -> bool:
         return False
 
 
-def _kb(text: str, field: str) -> int | None:
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match[1]) * 1024 if match else None
-
-
-def _process_name(pid: int, root: int) -> str:
-    """tritonserver, or the model a python-backend stub serves (its first argument is the model's model.py)."""
-    if pid == root:
-        return "tritonserver"
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    if len(argv) > 1 and argv[1].endswith(b"model.py"):
-        return Path(argv[1].decode()).parent.parent.name
-    return Path(argv[0].decode()).name or str(pid)
-
-
-def tree_memory(pid: int | None) -> dict[str, dict[str, int]] | None:
-    """RSS and PSS in bytes of `pid` and each descendant (the python-backend stubs), by "name (pid)", from /proc.
-
-    RSS counts the python backend's shared memory once in tritonserver and again in each stub that maps it;
-    PSS splits shared pages between the processes that map them, so the PSS sum is the tree's real footprint.
-    """
-    if pid is None or not Path(f"/proc/{pid}").exists():
-        return None
-    memory: dict[str, dict[str, int]] = {}
-    for member in process_tree(pid):
-        try:
-            name = _process_name(member, pid)
-            rss = _kb(Path(f"/proc/{member}/status").read_text(), "VmRSS")
-            pss = _kb(Path(f"/proc/{member}/smaps_rollup").read_text(), "Pss")
-        except OSError:  # exited meanwhile
-            continue
-        if rss is not None and pss is not None:  # a zombie has no memory left
-            memory[f"{name} ({member})"] = {"rss": rss, "pss": pss}
-    return memory
-
-
-def _total(memory: dict[str, dict[str, int]] | None, field: str) -> int | None:
-    return sum(process[field] for process in memory.values()) if memory else None
-
-
-class MemorySampler:
-    """Samples the server tree's summed RSS and PSS every `interval` seconds while the load runs."""
-
-    def __init__(self, pid: int | None, interval: float):
-        self.pid, self.interval = pid, interval
-        self.timeline: list[dict[str, float | int | None]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        start = time.monotonic()
-        while True:
-            memory = tree_memory(self.pid)
-            self.timeline.append(
-                {"t": round(time.monotonic() - start), "rss": _total(memory, "rss"), "pss": _total(memory, "pss")}
-            )
-            if self._stop.wait(self.interval):
-                return
-
-    def __enter__(self) -> MemorySampler:
-        if self.pid is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-
 def memory_summary(before: dict | None, after: dict | None, timeline: list[dict]) -> dict[str, Any]:
     """`before`/`after`: `tree_memory` just before and just after the load. A server that keeps growing shows it
     in the second half of the run; the first half holds the warm-up (allocator arenas, shared memory pools)."""
     sampled = [point for point in timeline if point["pss"] is not None]
     half = [point for point in sampled if point["t"] >= sampled[-1]["t"] / 2] if sampled else []
     return {
-        "before": _total(before, "rss"),
-        "after": _total(after, "rss"),
+        "before": memory_total(before, "rss"),
+        "after": memory_total(after, "rss"),
         "processes": len(after) if after else None,
-        "pss_before": _total(before, "pss"),
-        "pss_after": _total(after, "pss"),
+        "pss_before": memory_total(before, "pss"),
+        "pss_after": memory_total(after, "pss"),
         "pss_growth_second_half": half[-1]["pss"] - half[0]["pss"] if len(half) > 1 else None,
         "per_process": {
             name: {"rss_before": (before or {}).get(name, {}).get("rss"), "rss_after": values["rss"]}

@@ -22,9 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from rich.table import Table
 
 from t5_triton import bench_worker
 from t5_triton.bench_worker import CELLS, BenchConfig, make_inputs
+from t5_triton.memory import MemorySampler, memory_total, tree_memory
 
 __all__ = ["CELLS", "BenchConfig", "LoadConfig", "run_bench", "run_concurrency"]
 
@@ -55,57 +54,28 @@ def _engines(config: BenchConfig) -> tuple[str, ...]:
     return tuple(engines)
 
 
-def tree_rss(pids: Iterable[int]) -> int:
-    """Resident memory (VmRSS) of these processes summed, in bytes; a process gone or a zombie counts 0.
-
-    Shared memory mapped by several of them (the python backend's regions) counts once per process."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-    return total
-
-
-class PeakRss:
-    """Samples the summed RSS of a process tree (tritonserver and its python-backend stubs) in a thread.
-
-    The tree is read once, at start: a ready server's stubs are all there and stay."""
+class ServerMemory(MemorySampler):
+    """RSS and PSS of a server's tree (tritonserver and its python-backend stubs), sampled all along; a pass's
+    end is marked so that growth from pass to pass shows."""
 
     def __init__(self, pid: int, interval: float = 0.1):
-        from t5_triton.server import process_tree
-
-        self.pids = process_tree(pid)
-        self.interval = interval
-        self.start_bytes = self.peak_bytes = tree_rss(self.pids)
-        self.after_pass_bytes: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak_bytes = max(self.peak_bytes, tree_rss(self.pids))
+        super().__init__(pid, interval)
+        self.after_pass: list[dict[str, int | None]] = []
+        self.processes = 0
 
     def mark_pass(self) -> None:
-        self.after_pass_bytes.append(tree_rss(self.pids))
+        memory = tree_memory(self.pid) or {}
+        self.processes = len(memory)
+        self.after_pass.append({field: memory_total(memory, field) for field in ("rss", "pss")})
 
     def summary(self) -> dict[str, object]:
         return {
-            "processes": len(self.pids),
-            "start_bytes": self.start_bytes,
-            "peak_bytes": self.peak_bytes,
-            "after_pass_bytes": self.after_pass_bytes,
+            "processes": self.processes,
+            "start": self.timeline[0] if self.timeline else None,
+            "peak_rss_bytes": self.peak("rss"),
+            "peak_pss_bytes": self.peak("pss"),
+            "after_pass": self.after_pass,
         }
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, tree_rss(self.pids))
 
 
 def int8_agreement(repository: Path | str) -> dict:
@@ -193,7 +163,7 @@ def run_bench(
             if path:
                 log_file = Path(tempfile.gettempdir()) / f"t5-triton-bench-server-{name}.log"
                 servers[name] = stack.enter_context(TritonServer(Path(path), Ports.free(), log_file=log_file))
-                memory[name] = stack.enter_context(PeakRss(servers[name].process.pid))
+                memory[name] = stack.enter_context(ServerMemory(servers[name].process.pid))
         urls = {"served-grpc": ("grpc", servers["fp32"].grpc_url), "served-http": ("http", servers["fp32"].http_url)}
         if "int8" in servers:
             urls[INT8] = ("grpc", servers["int8"].grpc_url)
@@ -259,11 +229,12 @@ def _print_report(report: dict, config: BenchConfig, console: Console) -> None:
         table.add_row(engine, *row)
     console.print(table)
     for name, memory in report["memory"].items():
-        after = ", ".join(f"{value / _MB:.0f}" for value in memory["after_pass_bytes"])
+        after = ", ".join(f"{point['rss'] / _MB:.0f}/{point['pss'] / _MB:.0f}" for point in memory["after_pass"])
         console.print(
-            f"server memory, {name} repository (RSS summed over tritonserver and {memory['processes'] - 1} stubs): "
-            f"{memory['start_bytes'] / _MB:.0f} MB when ready, peak {memory['peak_bytes'] / _MB:.0f} MB, "
-            f"after each pass {after} MB"
+            f"server memory, {name} repository, RSS/PSS summed over tritonserver and {memory['processes'] - 1} "
+            f"stubs (RSS counts shared memory in every process mapping it; PSS shares it out): "
+            f"{memory['start']['rss'] / _MB:.0f}/{memory['start']['pss'] / _MB:.0f} MB when ready, peak "
+            f"{memory['peak_rss_bytes'] / _MB:.0f}/{memory['peak_pss_bytes'] / _MB:.0f} MB, after each pass {after} MB"
         )
     if report["int8"]:
         agreement = report["int8"]

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from t5_triton import cli
-from t5_triton.bench import PeakRss, _run_worker, int8_agreement, split_summary, tree_rss
+from t5_triton.bench import ServerMemory, _run_worker, int8_agreement, split_summary
 from t5_triton.bench_worker import BenchConfig, token_timeline
+from t5_triton.memory import memory_total, tree_memory
 
 _MB = 1024 * 1024
 
@@ -41,22 +42,24 @@ def holder():
     process.wait(timeout=30)
 
 
-def test_rss_sums_a_real_process_tree(holder):
-    with PeakRss(holder.pid, interval=0.01) as memory:
-        assert len(memory.pids) == 2  # the parent and its child
-        alone = tree_rss([holder.pid])
-        both = tree_rss(memory.pids)
+def test_memory_sums_a_real_process_tree(holder):
+    with ServerMemory(holder.pid, interval=0.01) as memory:
+        tree = tree_memory(holder.pid)
+        assert len(tree) == 2  # the parent and its child
+        alone = next(values["rss"] for name, values in tree.items() if name.endswith(f"({holder.pid})"))
+        both = memory_total(tree, "rss")
         memory.mark_pass()
     assert 64 * _MB < alone < both
     assert both - alone > 60 * _MB
+    assert memory_total(tree, "pss") > 128 * _MB  # nothing shared: each process's 64 MB are its own
     summary = memory.summary()
     assert summary["processes"] == 2
-    assert summary["peak_bytes"] >= summary["start_bytes"] > 128 * _MB
-    assert summary["after_pass_bytes"] == [memory.after_pass_bytes[0]]
+    assert summary["peak_rss_bytes"] >= summary["start"]["rss"] > 128 * _MB
+    assert summary["after_pass"] == memory.after_pass and summary["after_pass"][0]["rss"] > 128 * _MB
 
 
-def test_rss_of_a_process_that_is_gone_is_zero():
-    assert tree_rss([2**22 + 12345]) == 0  # above Linux's default pid_max: never a live process
+def test_memory_of_a_process_that_is_gone_is_none():
+    assert tree_memory(2**22 + 12345) is None  # above Linux's default pid_max: never a live process
 
 
 def test_token_timeline_stamps_each_token_from_the_start():

@@ -11,6 +11,7 @@ the same objects, so a BLS caller sends them without copying them again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -31,6 +32,28 @@ def _pad_axis(tensor: torch.Tensor, axis: int, before: int, after: int) -> torch
     return functional.pad(tensor, widths)
 
 
+class _PingPong:
+    """Two flat buffers handed out in turn, each reused for a tensor of any shape that fits.
+
+    The self K/V are rewritten into a new tensor every step (one position longer), reading the previous
+    one; a fresh allocation of that size costs page faults worth ~2x the copy itself. The tensor handed out
+    last time stays valid until the call after next, by which time the cache has replaced it.
+    """
+
+    def __init__(self) -> None:
+        self._flat: list[torch.Tensor | None] = [None, None]
+        self._turn = 0
+
+    def empty(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        size = math.prod(shape)
+        flat = self._flat[self._turn]
+        if flat is None or flat.numel() < size or flat.dtype != like.dtype or flat.device != like.device:
+            flat = like.new_empty(size + size // 2)  # room for the steps to come
+            self._flat[self._turn] = flat
+        self._turn ^= 1
+        return flat[:size].view(shape)
+
+
 def _is_identity(index: torch.Tensor, rows: int) -> bool:
     return index.shape[0] == rows and bool((index == torch.arange(rows, device=index.device)).all())
 
@@ -49,6 +72,7 @@ class BatchCache:
         self.cross_mask: torch.Tensor | None = None  # int64 [rows, src]
         self._cross_views: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._new_kv: torch.Tensor | None = None  # K/V of the last step's new position, not yet appended
+        self._buffers = _PingPong()
 
     @property
     def rows(self) -> int:
@@ -122,7 +146,7 @@ class BatchCache:
         return out[spec.LOGITS]
 
     def _append_new(self, rows: torch.Tensor | None = None) -> None:
-        """Self K/V := (past + the last step's new position)[rows], written once into a new tensor."""
+        """Self K/V := (past + the last step's new position)[rows], written once into a reused buffer."""
         if self._new_kv is None:
             return
         past, new = self.self_kv, self._new_kv
@@ -131,7 +155,7 @@ class BatchCache:
         shape[spec.KV_SEQ_AXIS] += 1
         if rows is not None:
             shape[spec.KV_ROW_AXIS] = rows.shape[0]
-        merged = past.new_empty(shape)
+        merged = self._buffers.empty(shape, past)
         length = past.shape[spec.KV_SEQ_AXIS]
         if rows is None:
             merged.narrow(spec.KV_SEQ_AXIS, 0, length).copy_(past)
