@@ -52,12 +52,9 @@ def _device(args: dict) -> torch.device:
 def _decoder(params: dict[str, str], repository: Path, device: torch.device) -> ModelCall:
     """The decoder as a BLS call, or (CPU, `decoder_onnx` set) its graph run in this process: a BLS call
     copies the whole KV cache through shared memory twice per step, which on CPU costs more than the
-    decoder math at beam-search sizes.
-
-    Its threads spin between runs (unlike the encoder's): steps follow each other within a millisecond, and
-    waking sleeping threads for each of the graph's ~500 nodes cost ~1.5 ms a step at batch 1."""
+    decoder math at beam-search sizes."""
     if params.get("decoder_onnx") and device.type == "cpu":
-        session = create_session(repository / params["decoder_onnx"], int(params["decoder_threads"]), spin=True)
+        session = create_session(repository / params["decoder_onnx"], int(params["decoder_threads"]))
         return TorchSession(session)
     return BlsModel(params["decoder_model"], device)
 

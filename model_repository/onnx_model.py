@@ -22,7 +22,7 @@ class TritonPythonModel:
         self.name = config["name"]
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.session = create_session(version_dir / params["onnx_file"], int(params["intra_op_threads"]), spin=False)
+        self.session = create_session(version_dir / params["onnx_file"], int(params["intra_op_threads"]))
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def execute(self, requests: list) -> list:

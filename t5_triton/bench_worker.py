@@ -243,7 +243,7 @@ class _Timed:
 
 def worker_split(config: BenchConfig, repository: str) -> dict:
     """Where a served decoding step goes: the repository's own `t5_runtime` (the code `t5_generate` runs) in
-    this process, its decoder and encoder wrapped with timers. Sessions as the server makes them (no spinning,
+    this process, its decoder and encoder wrapped with timers. Sessions as the server makes them (`create_session`,
     `threads` intra-op threads) and one torch thread, as in `t5_generate`. Per call: the decoder calls (steps),
     seconds in the decoder, in the encoder, and the rest ("logic": search, cache updates, bookkeeping)."""
     import torch
@@ -258,7 +258,7 @@ def worker_split(config: BenchConfig, repository: str) -> dict:
     torch.set_num_threads(1)
     serving = ServingSpec.load(generate_dir)
     sessions = [
-        TorchSession(create_session(Path(repository) / model / "1" / "model.onnx", config.threads, spin=False))
+        TorchSession(create_session(Path(repository) / model / "1" / "model.onnx", config.threads))
         for model in ("t5_encoder", "t5_decoder")
     ]
     encoder, decoder = _Timed(sessions[0]), _Timed(sessions[1])
