@@ -115,7 +115,6 @@ def test_per_token_ms_is_the_median_gap_up_to_the_shortest_run():
 
 
 def test_plot_from_a_small_report(tmp_path):
-    pytest.importorskip("matplotlib")
     from t5_triton.bench_plot import plot_report
 
     step = {"steps": 4, "total_ms": 5.0, "encoder_ms": 1.0, "decoder_ms_per_step": 0.6, "logic_ms_per_step": 0.4}
