@@ -10,22 +10,12 @@ import threading
 import time
 from pathlib import Path
 
-from t5_triton.server import process_tree
+from t5_triton.server import process_tree, stub_models
 
 
 def _kb(text: str, field: str) -> int | None:
     match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
     return int(match[1]) * 1024 if match else None
-
-
-def _process_name(pid: int, root: int) -> str:
-    """tritonserver, or the model a python-backend stub serves (its first argument is the model's model.py)."""
-    if pid == root:
-        return "tritonserver"
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    if len(argv) > 1 and argv[1].endswith(b"model.py"):
-        return Path(argv[1].decode()).parent.parent.name
-    return Path(argv[0].decode()).name or str(pid)
 
 
 def tree_memory(pid: int | None) -> dict[str, dict[str, int]] | None:
@@ -36,10 +26,12 @@ def tree_memory(pid: int | None) -> dict[str, dict[str, int]] | None:
     """
     if pid is None or not Path(f"/proc/{pid}").exists():
         return None
+    members = process_tree(pid)
+    models = stub_models(members)  # a stub is named by the model it serves
     memory: dict[str, dict[str, int]] = {}
-    for member in process_tree(pid):
+    for member in members:
         try:
-            name = _process_name(member, pid)
+            name = models.get(member) or Path(f"/proc/{member}/comm").read_text().strip()
             rss = _kb(Path(f"/proc/{member}/status").read_text(), "VmRSS")
             pss = _kb(Path(f"/proc/{member}/smaps_rollup").read_text(), "Pss")
         except OSError:  # exited meanwhile
