@@ -58,6 +58,36 @@ def _is_identity(index: torch.Tensor, rows: int) -> bool:
     return index.shape[0] == rows and bool((index == torch.arange(rows, device=index.device)).all())
 
 
+def _rows_together(buffers: _PingPong, blocks: Sequence[tuple[torch.Tensor, int]], length: int) -> torch.Tensor:
+    """The rows of `blocks` one block after another in a reused buffer, `length` positions long: each
+    block's positions start at its offset and the rest is zeros (masked out, but 0 x NaN is NaN)."""
+    first = blocks[0][0]
+    shape = list(first.shape)
+    shape[spec.KV_ROW_AXIS] = sum(block.shape[spec.KV_ROW_AXIS] for block, _ in blocks)
+    shape[spec.KV_SEQ_AXIS] = length
+    out = buffers.empty(shape, first)
+    row = 0
+    for block, offset in blocks:
+        target = out.narrow(spec.KV_ROW_AXIS, row, block.shape[spec.KV_ROW_AXIS])
+        size = block.shape[spec.KV_SEQ_AXIS]
+        target.narrow(spec.KV_SEQ_AXIS, 0, offset).zero_()
+        target.narrow(spec.KV_SEQ_AXIS, offset, size).copy_(block)
+        target.narrow(spec.KV_SEQ_AXIS, offset + size, length - offset - size).zero_()
+        row += block.shape[spec.KV_ROW_AXIS]
+    return out
+
+
+def _first_used(mask: torch.Tensor) -> int:
+    """The first position (column of `mask`) some row uses."""
+    return int(mask.any(dim=0).to(torch.int8).argmax())
+
+
+def _end_used(mask: torch.Tensor) -> int:
+    """One past the last position some row uses."""
+    used = mask.any(dim=0)
+    return used.shape[0] - int(used.flip(0).to(torch.int8).argmax())
+
+
 class BatchCache:
     def __init__(self, call_decoder: ModelCall, dims: spec.ModelDims, device: torch.device | str = "cpu"):
         self._call = call_decoder
@@ -72,7 +102,9 @@ class BatchCache:
         self.cross_mask: torch.Tensor | None = None  # int64 [rows, src]
         self._cross_views: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self._new_kv: torch.Tensor | None = None  # K/V of the last step's new position, not yet appended
-        self._buffers = _PingPong()
+        # Rows join and leave and the self K/V grow every step: each rewrite goes into a reused buffer.
+        self._self_buffers = _PingPong()
+        self._cross_buffers = _PingPong()
 
     @property
     def rows(self) -> int:
@@ -106,17 +138,12 @@ class BatchCache:
             return
         self._append_new()
         past = self.self_kv.shape[spec.KV_SEQ_AXIS]
-        self.self_kv = torch.cat([self.self_kv, _pad_axis(self_kv, spec.KV_SEQ_AXIS, past - 1, 0)], spec.KV_ROW_AXIS)
+        # New rows are left-padded to the past (their one position last), encoder outputs right-padded.
+        self.self_kv = _rows_together(self._self_buffers, [(self.self_kv, 0), (self_kv, past - 1)], past)
         self.self_mask = torch.cat([self.self_mask, _pad_axis(new_mask, 1, past - 1, 0)], 0)
         old_src, new_src = self.cross_mask.shape[1], cross_mask.shape[1]
         src = max(old_src, new_src)
-        self.cross_kv = torch.cat(
-            [
-                _pad_axis(self.cross_kv, spec.KV_SEQ_AXIS, 0, src - old_src),
-                _pad_axis(cross_kv, spec.KV_SEQ_AXIS, 0, src - new_src),
-            ],
-            spec.KV_ROW_AXIS,
-        )
+        self.cross_kv = _rows_together(self._cross_buffers, [(self.cross_kv, 0), (cross_kv, 0)], src)
         self.cross_mask = torch.cat(
             [_pad_axis(self.cross_mask, 1, 0, src - old_src), _pad_axis(cross_mask, 1, 0, src - new_src)], 0
         )
@@ -145,24 +172,28 @@ class BatchCache:
         self.self_mask = mask
         return out[spec.LOGITS]
 
-    def _append_new(self, rows: torch.Tensor | None = None) -> None:
-        """Self K/V := (past + the last step's new position)[rows], written once into a reused buffer."""
-        if self._new_kv is None:
-            return
+    def _append_new(self, rows: torch.Tensor | None = None, start: int = 0) -> None:
+        """Self K/V := (past[start:] + the last step's new position)[rows], written once into a reused
+        buffer: the beam reorder, the rows that left and the positions no row uses any more go in the same
+        copy as the append."""
         past, new = self.self_kv, self._new_kv
+        if new is None and rows is None and start == 0:
+            return
         self._new_kv = None
+        length = past.shape[spec.KV_SEQ_AXIS] - start
         shape = list(past.shape)
-        shape[spec.KV_SEQ_AXIS] += 1
+        shape[spec.KV_SEQ_AXIS] = length + (new is not None)
         if rows is not None:
             shape[spec.KV_ROW_AXIS] = rows.shape[0]
-        merged = self._buffers.empty(shape, past)
-        length = past.shape[spec.KV_SEQ_AXIS]
-        if rows is None:
-            merged.narrow(spec.KV_SEQ_AXIS, 0, length).copy_(past)
-            merged.narrow(spec.KV_SEQ_AXIS, length, 1).copy_(new)
-        else:
-            torch.index_select(past, spec.KV_ROW_AXIS, rows, out=merged.narrow(spec.KV_SEQ_AXIS, 0, length))
-            torch.index_select(new, spec.KV_ROW_AXIS, rows, out=merged.narrow(spec.KV_SEQ_AXIS, length, 1))
+        merged = self._self_buffers.empty(shape, past)
+        parts = [(past.narrow(spec.KV_SEQ_AXIS, start, length), merged.narrow(spec.KV_SEQ_AXIS, 0, length))]
+        if new is not None:
+            parts.append((new, merged.narrow(spec.KV_SEQ_AXIS, length, 1)))
+        for source, target in parts:
+            if rows is None:
+                target.copy_(source)
+            else:
+                torch.index_select(source, spec.KV_ROW_AXIS, rows, out=target)
         self.self_kv = merged
 
     def _cross_feeds(self) -> dict[str, torch.Tensor]:
@@ -173,7 +204,8 @@ class BatchCache:
 
     def take(self, self_rows: torch.Tensor, cross_rows: torch.Tensor) -> None:
         """New row i = old row self_rows[i] for self-attention state and cross_rows[i] for the rest
-        (beams of one input share cross state, so a beam reorder moves only self K/V)."""
+        (beams of one input share cross state, so a beam reorder moves only self K/V). Positions no row
+        uses any more (the longest request left) and encoder padding no row needs are dropped."""
         if self_rows.shape[0] == 0:
             self.clear()
             return
@@ -181,29 +213,24 @@ class BatchCache:
         if _is_identity(self_rows, rows):
             self._append_new()
         else:
-            if self._new_kv is None:
-                self.self_kv = self.self_kv.index_select(spec.KV_ROW_AXIS, self_rows)
-            else:
-                self._append_new(self_rows)
-            self.self_mask = self.self_mask.index_select(0, self_rows)
+            mask = self.self_mask.index_select(0, self_rows)
+            start = _first_used(mask)
+            self._append_new(self_rows, start)
+            self.self_mask = mask[:, start:]
         if not _is_identity(cross_rows, rows):
-            self.cross_kv = self.cross_kv.index_select(spec.KV_ROW_AXIS, cross_rows)
-            self.cross_mask = self.cross_mask.index_select(0, cross_rows)
-            self._trim()
+            mask = self.cross_mask.index_select(0, cross_rows)
+            end = _end_used(mask)
+            shape = list(self.cross_kv.shape)
+            shape[spec.KV_ROW_AXIS], shape[spec.KV_SEQ_AXIS] = cross_rows.shape[0], end
+            source = self.cross_kv.narrow(spec.KV_SEQ_AXIS, 0, end)
+            self.cross_kv = torch.index_select(
+                source, spec.KV_ROW_AXIS, cross_rows, out=self._cross_buffers.empty(shape, source)
+            )
+            self.cross_mask = mask[:, :end]
+
+    def take_all(self) -> None:
+        """`take` of every row where it is."""
+        self._append_new()
 
     def clear(self) -> None:
         self.self_kv = self.self_mask = self.cross_kv = self.cross_mask = self._new_kv = None
-
-    def _trim(self) -> None:
-        """Drop past positions no row uses any more (the longest request left) and encoder padding."""
-        used = self.self_mask.any(dim=0)
-        start = int(used.to(torch.int8).argmax())
-        if start:
-            # Contiguous: the decoder reads each layer's K and V as a view, which must be one block.
-            self.self_kv = self.self_kv.narrow(spec.KV_SEQ_AXIS, start, used.shape[0] - start).contiguous()
-            self.self_mask = self.self_mask[:, start:]
-        used = self.cross_mask.any(dim=0)
-        end = used.shape[0] - int(used.flip(0).to(torch.int8).argmax())
-        if end < used.shape[0]:
-            self.cross_kv = self.cross_kv.narrow(spec.KV_SEQ_AXIS, 0, end).contiguous()
-            self.cross_mask = self.cross_mask[:, :end]

@@ -12,7 +12,7 @@ Plain torch and no threads: the caller feeds jobs in and calls `step()` in a loo
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -58,24 +58,46 @@ class _Running:
     """A job being decoded, and the `RowState` its search moves its rows through.
 
     `rows` is the job's block of rows in the cache; `self_rows` / `cross_rows` are the moves its search
-    made since (indices into that block), which the engine turns into one gather over the cache."""
+    made since (indices into that block, None while it made none), which the engine turns into one
+    gather over the cache."""
 
     job: Job
     rows: int
+    device: torch.device
     coroutine: object = None
     pending: Step | None = None
-    self_rows: torch.Tensor = field(default=None)
-    cross_rows: torch.Tensor = field(default=None)
+    self_rows: torch.Tensor | None = None
+    cross_rows: torch.Tensor | None = None
 
-    def reset_rows(self, device: torch.device) -> None:
-        self.self_rows = self.cross_rows = torch.arange(self.rows, device=device)
+    def reset_rows(self) -> None:
+        self.self_rows = self.cross_rows = None
 
     def select(self, rows: torch.Tensor) -> None:
-        self.self_rows = self.self_rows[rows]
-        self.cross_rows = self.cross_rows[rows]
+        self_rows, cross_rows = self.indices()
+        self.self_rows, self.cross_rows = self_rows[rows], cross_rows[rows]
 
     def reorder_beams(self, rows: torch.Tensor) -> None:
-        self.self_rows = self.self_rows[rows]
+        self_rows, self.cross_rows = self.indices()
+        self.self_rows = self_rows[rows]
+
+    def leave(self) -> None:
+        self.self_rows = self.cross_rows = torch.arange(0, device=self.device)
+
+    @property
+    def moved(self) -> bool:
+        return self.self_rows is not None
+
+    @property
+    def rows_after(self) -> int:
+        return self.rows if self.self_rows is None else self.self_rows.shape[0]
+
+    def indices(self, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the job's rows come from after its moves, as rows of a cache where its block starts at
+        `offset`."""
+        if self.self_rows is None:
+            unmoved = torch.arange(offset, offset + self.rows, device=self.device)
+            return unmoved, unmoved
+        return self.self_rows + offset, self.cross_rows + offset
 
 
 class Engine:
@@ -156,9 +178,9 @@ class Engine:
         self._cancelled.clear()
         if cancelled:
             for running in self.running:
-                running.reset_rows(self.device)
+                running.reset_rows()
             for running in cancelled:
-                running.self_rows = running.cross_rows = running.self_rows[:0]
+                running.leave()
                 events.append(Event(running.job, error=Cancelled("cancelled")))
             self._regather()
 
@@ -188,7 +210,7 @@ class Engine:
         """Encode the newcomers and run their first step together; the ones still going join the cache."""
         started = []
         for job in jobs:
-            running = _Running(job, rows=len(job.token_rows))
+            running = _Running(job, rows=len(job.token_rows), device=self.device)
             running.coroutine = search(running, running.rows, job.params, self.special, self.device)
             running.pending = next(running.coroutine)
             started.append(running)
@@ -214,9 +236,10 @@ class Engine:
         for running in started:
             rows = running.rows
             if self._advance(running, logits[offset : offset + rows], events):
-                kept_self.append(running.self_rows + offset)
-                kept_cross.append(running.cross_rows + offset)
-                running.rows = running.self_rows.shape[0]
+                self_rows, cross_rows = running.indices(offset)
+                kept_self.append(self_rows)
+                kept_cross.append(cross_rows)
+                running.rows = self_rows.shape[0]
                 self.running.append(running)
             offset += rows
         if kept_self:
@@ -242,13 +265,13 @@ class Engine:
         for running in self.running:
             rows = running.rows
             if not self._advance(running, logits[offset : offset + rows], events):
-                running.self_rows = running.cross_rows = running.self_rows[:0]
+                running.leave()
             offset += rows
         self._regather()
 
     def _advance(self, running: _Running, logits: torch.Tensor, events: list[Event]) -> bool:
         """Send a job its logits; False when it is over (its output or error is in `events`)."""
-        running.reset_rows(logits.device)
+        running.reset_rows()
         try:
             running.pending = running.coroutine.send(logits.float())
         except StopIteration as finished:
@@ -263,12 +286,16 @@ class Engine:
 
     def _regather(self) -> None:
         """Apply every job's row moves to the cache in one gather, and forget the jobs that left."""
+        if not any(running.moved for running in self.running):
+            self.cache.take_all()  # the usual greedy step: no index to build
+            return
         self_rows, cross_rows = [], []
         offset = 0
         for running in self.running:
-            self_rows.append(running.self_rows + offset)
-            cross_rows.append(running.cross_rows + offset)
+            moved_self, moved_cross = running.indices(offset)
+            self_rows.append(moved_self)
+            cross_rows.append(moved_cross)
             offset += running.rows
-            running.rows = running.self_rows.shape[0]
+            running.rows = running.rows_after
         self.cache.take(torch.cat(self_rows), torch.cat(cross_rows))
         self.running = [r for r in self.running if r.rows]
