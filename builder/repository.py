@@ -34,6 +34,8 @@ class ServingOptions:
     threads: int = 0  # ONNX Runtime intra-op threads per instance; 0 = one per core
     # cpu target: t5_generate runs the decoder graph itself, so the KV cache never crosses processes
     decoder_in_process: bool = True
+    # cpu target: t5_generate runs the encoder graph itself, a BLS round trip less per arrival group
+    encoder_in_process: bool = True
     queue_delay_us: int = 0
     max_queue_size: int = 64  # requests waiting for t5_generate beyond this are refused (0: no limit)
 
@@ -177,7 +179,8 @@ def _write_generate_model(
         encoder_model=ENCODER_MODEL,
         decoder_model=DECODER_MODEL,
         force_cpu_only_inputs="no" if gpu else "yes",
+        encoder_onnx=f"{ENCODER_MODEL}/{VERSION}/model.onnx" if options.encoder_in_process and not gpu else "",
         decoder_onnx=f"{DECODER_MODEL}/{VERSION}/model.onnx" if options.decoder_in_process and not gpu else "",
-        decoder_threads=options.threads,
+        onnx_threads=options.threads,
     )
     (repo / name / "config.pbtxt").write_text(text)

@@ -49,14 +49,14 @@ def _device(args: dict) -> torch.device:
     return torch.device("cpu")
 
 
-def _decoder(params: dict[str, str], repository: Path, device: torch.device) -> ModelCall:
-    """The decoder as a BLS call, or (CPU, `decoder_onnx` set) its graph run in this process: a BLS call
-    copies the whole KV cache through shared memory twice per step, which on CPU costs more than the
-    decoder math at beam-search sizes."""
-    if params.get("decoder_onnx") and device.type == "cpu":
-        session = create_session(repository / params["decoder_onnx"], int(params["decoder_threads"]))
+def _sub_model(params: dict[str, str], role: str, repository: Path, device: torch.device) -> ModelCall:
+    """The encoder or decoder (`role`) as a BLS call, or (CPU, `{role}_onnx` set) its graph run in this
+    process: a BLS call copies its inputs and outputs through shared memory (for the decoder, the whole KV
+    cache twice per step, which on CPU costs more than the decoder math at beam-search sizes)."""
+    if params.get(f"{role}_onnx") and device.type == "cpu":
+        session = create_session(repository / params[f"{role}_onnx"], int(params["onnx_threads"]))
         return TorchSession(session)
-    return BlsModel(params["decoder_model"], device)
+    return BlsModel(params[f"{role}_model"], device)
 
 
 def _error(message: str, code: int) -> pb_utils.InferenceResponse:
@@ -146,9 +146,10 @@ class TritonPythonModel:
         # decoder processes, which run between them.
         torch.set_num_threads(1)
         dims = self.serving.dims
+        repository = Path(args["model_repository"]).parent
         engine = Engine(
-            BlsModel(params["encoder_model"], device),
-            _decoder(params, Path(args["model_repository"]).parent, device),
+            _sub_model(params, "encoder", repository, device),
+            _sub_model(params, "decoder", repository, device),
             dims,
             max_rows=self.serving.max_batch_size * self.serving.max_num_beams,
             device=device,

@@ -33,18 +33,20 @@ def served(request, tmp_path_factory):
     name = request.param
     work = tmp_path_factory.mktemp(name)
     checkpoint = load_checkpoint(name, work / "checkpoint")
-    # One preset calls t5_decoder over BLS (the gpu target's way), the other runs it inside t5_generate
-    # (the cpu default): both paths must equal transformers.
-    serving = ServingOptions(decoder_in_process=name != "random-mt5-tiny")
+    # One preset calls t5_encoder and t5_decoder over BLS (the gpu target's way), the other runs them inside
+    # t5_generate (the cpu default): both paths must equal transformers.
+    in_process = name != "random-mt5-tiny"
+    serving = ServingOptions(encoder_in_process=in_process, decoder_in_process=in_process)
     build(BuildOptions(model=name, output=work / "repo", serving=serving), Console(quiet=True))
     with TritonServer(work / "repo", Ports.free(), log_file=work / "server.log") as server:
         yield checkpoint, work / "repo", server
 
 
-def test_the_decoder_runs_where_the_build_put_it(served):
+def test_encoder_and_decoder_run_where_the_build_put_them(served):
     checkpoint, repo, _ = served
     config = (repo / "t5_generate" / "config.pbtxt").read_text()
     in_process = checkpoint.source != "random-mt5-tiny"
+    assert ('"t5_encoder/1/model.onnx"' in config) == in_process
     assert ('"t5_decoder/1/model.onnx"' in config) == in_process
 
 

@@ -69,11 +69,11 @@ class TritonPythonModel(TritonPythonModel):
 
 @pytest.fixture(scope="module")
 def fault_server(tmp_path_factory):
-    """random-tiny with the decoder as its own model (BLS calls, not in t5_generate's process) and a
-    fault-injecting encoder, in explicit model control so that a model can be reloaded. Requests sent together
-    share a batch (20 ms queue delay)."""
+    """random-tiny with the encoder and decoder as models of their own (BLS calls, not in t5_generate's
+    process) and a fault-injecting encoder, in explicit model control so that a model can be reloaded. Requests
+    sent together share a batch (20 ms queue delay)."""
     work = tmp_path_factory.mktemp("faults")
-    serving = ServingOptions(decoder_in_process=False, queue_delay_us=20_000)
+    serving = ServingOptions(encoder_in_process=False, decoder_in_process=False, queue_delay_us=20_000)
     build(BuildOptions(model="random-tiny", output=work / "repo", serving=serving), Console(quiet=True))
     with open(work / "repo" / ENCODER / "1/model.py", "a") as model:
         model.write(FAULT_INJECTION)
