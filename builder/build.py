@@ -140,7 +140,7 @@ def _build_into(repo: Path, options: BuildOptions, progress: _Progress) -> dict:
     with progress.step("merge the decoder graphs into one (If node, weights stored once)"):
         merged = merge_decoders(graphs.first_step_decoder, graphs.cached_step_decoder, scratch / "decoder.onnx")
     with progress.step("verify against PyTorch and transformers.generate"):
-        checks = verify_build(model, checkpoint.tokenizer, graphs.encoder, merged)
+        checks = verify_build(model, checkpoint.tokenizer, graphs.encoder, merged, cross_kv_path=graphs.cross_kv)
     _print_checks(progress.console, checks)
     _raise_on_failed(checks)
     encoder, decoder = graphs.encoder, merged
@@ -193,7 +193,9 @@ def _build_into(repo: Path, options: BuildOptions, progress: _Progress) -> dict:
     decoder_bytes = decoder.stat().st_size
     with progress.step("write the model repository"):
         serving_options = replace(options.serving, target=options.target)
-        write_repository(repo, encoder, decoder, checkpoint.tokenizer, serving, serving_options, encoder_plan)
+        # The cross K/V graph is fp32: the int8 and fp16 decoders start new requests with their own first step.
+        cross_kv = graphs.cross_kv if options.precision == "fp32" and options.target == "cpu" else None
+        write_repository(repo, encoder, decoder, checkpoint.tokenizer, serving, serving_options, encoder_plan, cross_kv)
         shutil.rmtree(scratch)
     decoder_weights = _weights_bytes(model.get_decoder(), model.lm_head)
     report = {

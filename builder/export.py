@@ -1,4 +1,5 @@
-"""Export a T5 checkpoint to ONNX: the encoder, and the two decoder graphs the merge step joins.
+"""Export a T5 checkpoint to ONNX: the encoder, the two decoder graphs the merge step joins, and the
+decoder's cross-attention K/V projections on their own (`CrossKVGraph`).
 
 The wrappers give the graphs the interface of `t5_runtime.spec`: past K/V in as one tensor per layer
 and kind (views of the caller's packed cache, read in place), new K/V out packed, cross-attention K/V
@@ -175,11 +176,38 @@ class CachedStepDecoderGraph(_DecoderGraph):
         return attention.compute_bias(1, length, past_seen_tokens=length - 1)
 
 
+class CrossKVGraph(nn.Module):
+    """The decoder's cross-attention K/V of every layer from the encoder states, packed
+    [layers, 2, rows, heads, src_len, d_kv]: what the first-step graph computes as `new_cross_kv`.
+
+    With it, a new request's rows join the running ones with an empty past and take their first token in
+    the shared cached step, instead of a first step of their own that reads every decoder weight.
+    """
+
+    def __init__(self, model: T5ForConditionalGeneration):
+        super().__init__()
+        self.blocks = model.get_decoder().block
+        self.heads = model.config.num_heads
+
+    def forward(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        rows, length = encoder_hidden_states.shape[:2]
+        layers = []
+        for block in self.blocks:
+            attention = block.layer[1].EncDecAttention
+            k, v = (
+                projection(encoder_hidden_states).view(rows, length, self.heads, -1).transpose(1, 2)
+                for projection in (attention.k, attention.v)
+            )
+            layers.append(torch.stack([k, v]))
+        return torch.stack(layers)
+
+
 @dataclass(frozen=True)
 class ExportedGraphs:
     encoder: Path
     first_step_decoder: Path
     cached_step_decoder: Path
+    cross_kv: Path
 
 
 def sample_inputs(model: T5ForConditionalGeneration, rows: int = 2, src_len: int = 5, past_len: int = 3):
@@ -230,14 +258,17 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 
 
 def export_graphs(model: T5ForConditionalGeneration, directory: Path) -> ExportedGraphs:
-    """Trace the three graphs into `directory` (fp32 or the model's dtype)."""
+    """Trace the four graphs into `directory` (fp32 or the model's dtype)."""
     directory.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     x = sample_inputs(model)
     rows, src, past = "rows", "src_len", "past_len"
     cross_axes = {2: rows, 4: src}
     paths = ExportedGraphs(
-        directory / "encoder.onnx", directory / "decoder_first.onnx", directory / "decoder_cached.onnx"
+        directory / "encoder.onnx",
+        directory / "decoder_first.onnx",
+        directory / "decoder_cached.onnx",
+        directory / "cross_kv.onnx",
     )
     _export(
         EncoderGraph(model),
@@ -265,6 +296,14 @@ def export_graphs(model: T5ForConditionalGeneration, directory: Path) -> Exporte
             spec.NEW_SELF_KV: {2: rows},
             spec.NEW_CROSS_KV: cross_axes,
         },
+    )
+    _export(
+        CrossKVGraph(model),
+        (x["encoder_hidden_states"],),
+        paths.cross_kv,
+        [spec.ENCODER_HIDDEN_STATES],
+        [spec.NEW_CROSS_KV],
+        {spec.ENCODER_HIDDEN_STATES: {0: rows, 1: src}, spec.NEW_CROSS_KV: cross_axes},
     )
     past_feeds = spec.layer_kv_feeds(spec.PAST_SELF_KV, x["past_self_kv"])
     cross_feeds = spec.layer_kv_feeds(spec.CROSS_KV, x["cross_kv"])

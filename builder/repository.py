@@ -19,6 +19,7 @@ GENERATE_MODEL = "t5_generate"
 STREAM_MODEL = "t5_generate_stream"  # the same code, decoupled: tokens are sent as they are decided
 VERSION = "1"
 TOKENIZER_DIR = "tokenizer"
+CROSS_KV_FILE = "cross_kv.onnx"  # cpu target, beside the decoder graph: run in process by the generate models
 
 _SOURCES = files("t5_triton.model_repository")
 
@@ -55,10 +56,10 @@ def _install_model_code(version_dir: Path, source_module: str, *helpers: str) ->
     _copy_runtime(version_dir)
 
 
-def _move_graph(onnx_file: Path, version_dir: Path) -> None:
-    """The graph becomes model.onnx; an external-data file keeps the name the graph refers to it by."""
+def _move_graph(onnx_file: Path, version_dir: Path, name: str = "model.onnx") -> None:
+    """The graph becomes `name`; an external-data file keeps the name the graph refers to it by."""
     for part in onnx_file.parent.glob(onnx_file.name + "*"):
-        shutil.move(part, version_dir / ("model.onnx" if part == onnx_file else part.name))
+        shutil.move(part, version_dir / (name if part == onnx_file else part.name))
 
 
 def _write_onnx_model(repo: Path, name: str, onnx_file: Path, tensors, options: ServingOptions, instances: int):
@@ -119,10 +120,13 @@ def write_repository(
     serving: spec.ServingSpec,
     options: ServingOptions,
     encoder_plan: EnginePlan | None = None,
+    cross_kv_onnx: Path | None = None,
 ) -> None:
     """Populate `repo` (an empty folder); the model files are moved into it.
 
     gpu target: `encoder_plan` is the encoder (`encoder_onnx`, what it was built from, is not served).
+    cpu target: `cross_kv_onnx`, when given, goes beside the decoder graph and the generate models run it
+    in process, so that new requests join the shared step without a first step of their own.
     """
     dims, dtype = serving.dims, serving.float_dtype
     if options.target == "gpu":
@@ -146,9 +150,11 @@ def write_repository(
             options,
             options.decoder_instances,
         )
-
+        if cross_kv_onnx is not None:
+            _move_graph(cross_kv_onnx, repo / DECODER_MODEL / VERSION, CROSS_KV_FILE)
+    cross_kv = f"{DECODER_MODEL}/{VERSION}/{CROSS_KV_FILE}" if cross_kv_onnx and options.target == "cpu" else ""
     for name, decoupled in ((GENERATE_MODEL, False), (STREAM_MODEL, True)):
-        _write_generate_model(repo, name, decoupled, tokenizer, serving, options)
+        _write_generate_model(repo, name, decoupled, tokenizer, serving, options, cross_kv)
 
 
 def _write_generate_model(
@@ -158,6 +164,7 @@ def _write_generate_model(
     tokenizer: PreTrainedTokenizerBase,
     serving: spec.ServingSpec,
     options: ServingOptions,
+    cross_kv_onnx: str,
 ) -> None:
     version_dir = repo / name / VERSION
     _install_model_code(version_dir, "generate_model.py", "bls.py", "metrics.py")
@@ -181,6 +188,7 @@ def _write_generate_model(
         force_cpu_only_inputs="no" if gpu else "yes",
         encoder_onnx=f"{ENCODER_MODEL}/{VERSION}/model.onnx" if options.encoder_in_process and not gpu else "",
         decoder_onnx=f"{DECODER_MODEL}/{VERSION}/model.onnx" if options.decoder_in_process and not gpu else "",
+        cross_kv_onnx=cross_kv_onnx,
         onnx_threads=options.threads,
     )
     (repo / name / "config.pbtxt").write_text(text)

@@ -1,8 +1,8 @@
 """Check what was built against PyTorch before the build says it is done.
 
-Numerics: the encoder and each branch of the merged decoder against the PyTorch modules they were
-traced from, and the whole encoder -> first step -> cached steps chain against the transformers
-forward pass. Generation: greedy and beam search decoded with the exported graphs (the same search
+Numerics: the encoder, each branch of the merged decoder and the cross K/V graph against the PyTorch
+modules they were traced from, and the whole encoder -> first step -> cached steps chain against the
+transformers forward pass. Generation: greedy and beam search decoded with the exported graphs (the same search
 code the server runs) must equal `transformers.generate` token for token.
 """
 
@@ -159,6 +159,18 @@ def check_decoder_branches(model, session: ort.InferenceSession, tol: Tolerance)
     return results
 
 
+def check_cross_kv(model, session: ort.InferenceSession, tol: Tolerance) -> CheckResult:
+    """The cross K/V graph (traced from `CrossKVGraph`) against the cross K/V of the first-step decoder
+    (PyTorch), which the rows that join without a first step of their own must get."""
+    x = sample_inputs(model, rows=3, src_len=7)
+    with torch.inference_mode():
+        expected = FirstStepDecoderGraph(model).eval()(
+            x["decoder_input_ids"], x["encoder_hidden_states"], x["attention_mask"]
+        )[2]
+    actual = run_numpy(session, _np({spec.ENCODER_HIDDEN_STATES: x["encoder_hidden_states"]}))[spec.NEW_CROSS_KV]
+    return compare_arrays("cross K/V graph == the first step's cross K/V", actual, expected.numpy(), tol)
+
+
 def _check_left_padding(session, x: dict, padded_logits: np.ndarray, dims: spec.ModelDims, tol) -> CheckResult:
     """Each row of a left-padded cached step alone, its past unpadded: the logits must not change.
 
@@ -237,14 +249,17 @@ def check_generation(
     decoder: ort.InferenceSession,
     max_new_tokens: int = 20,
     min_token_match: float | None = None,
+    cross_kv: ort.InferenceSession | None = None,
 ) -> list[CheckResult]:
-    """Greedy and beam 4 through the serving code path (`T5Generator`) vs `transformers.generate` (fp32).
+    """Greedy and beam 4 through the serving code path (`T5Generator`, with the cross K/V graph when
+    given, as the server runs it) vs `transformers.generate` (fp32).
 
     With `min_token_match` None every sequence must be equal token for token; else the token match
     rate must reach it (reduced precision).
     """
     dims = spec.ModelDims.from_hf(model.config, model.generation_config)
-    generator = T5Generator(TorchSession(encoder), TorchSession(decoder), dims)
+    cross_call = None if cross_kv is None else TorchSession(cross_kv)
+    generator = T5Generator(TorchSession(encoder), TorchSession(decoder), dims, cross_kv=cross_call)
     batch = tokenizer(list(SAMPLE_TEXTS), return_tensors="pt", padding=True)
     results = []
     for label, num_beams in (("greedy", 1), ("beam search, 4 beams", 4)):
@@ -284,13 +299,17 @@ def verify_build(
     decoder_path: Path,
     precision: str = "float32",
     min_token_match: float | None = None,
+    cross_kv_path: Path | None = None,
 ) -> list[CheckResult]:
     """Every check of the graphs at `precision` against the PyTorch model (fp32)."""
     tol = TOLERANCES[precision]
     encoder = create_session(encoder_path)
     decoder = create_session(decoder_path)
+    cross_kv = None if cross_kv_path is None else create_session(cross_kv_path)
     results = check_encoder(model, encoder, tol)
     results += check_decoder_branches(model, decoder, tol)
+    if cross_kv is not None:
+        results.append(check_cross_kv(model, cross_kv, tol))
     results.append(check_chain(model, tokenizer, encoder, decoder, tol))
-    results += check_generation(model, tokenizer, encoder, decoder, min_token_match=min_token_match)
+    results += check_generation(model, tokenizer, encoder, decoder, min_token_match=min_token_match, cross_kv=cross_kv)
     return results

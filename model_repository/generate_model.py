@@ -147,12 +147,16 @@ class TritonPythonModel:
         torch.set_num_threads(1)
         dims = self.serving.dims
         repository = Path(args["model_repository"]).parent
+        cross_kv = None
+        if params.get("cross_kv_onnx") and device.type == "cpu":
+            cross_kv = TorchSession(create_session(repository / params["cross_kv_onnx"], int(params["onnx_threads"])))
         engine = Engine(
             _sub_model(params, "encoder", repository, device),
             _sub_model(params, "decoder", repository, device),
             dims,
             max_rows=self.serving.max_batch_size * self.serving.max_num_beams,
             device=device,
+            cross_kv=cross_kv,
         )
         queue_policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
         metrics = ServingMetrics(self.name, args["model_version"], dims.eos_token_id, dims.pad_token_id)

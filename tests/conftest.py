@@ -39,7 +39,12 @@ def tiny_graphs(tiny, tmp_path_factory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("graphs")
     graphs = export_graphs(tiny.model, directory)
     merged = merge_decoders(graphs.first_step_decoder, graphs.cached_step_decoder, directory / "decoder.onnx")
-    return {"encoder": graphs.encoder, "decoder": merged, "first": graphs.first_step_decoder}
+    return {
+        "encoder": graphs.encoder,
+        "decoder": merged,
+        "first": graphs.first_step_decoder,
+        "cross_kv": graphs.cross_kv,
+    }
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,13 @@ different steps and leave early each get exactly the output they get alone."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import pytest
 
 from t5_triton.builder.verify import SAMPLE_TEXTS
 from t5_triton.model_repository.t5_runtime import spec
+from t5_triton.model_repository.t5_runtime.batch_cache import ModelCall
 from t5_triton.model_repository.t5_runtime.engine import Cancelled, Engine, Job
 from t5_triton.model_repository.t5_runtime.generator import T5Generator
 from t5_triton.model_repository.t5_runtime.onnx_runner import TorchSession, create_session
@@ -28,12 +30,29 @@ MIXED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def models(tiny, tiny_graphs):
+@dataclass(frozen=True)
+class Models:
+    encoder: ModelCall
+    decoder: ModelCall
+    dims: spec.ModelDims
+    cross_kv: ModelCall | None
+
+    def engine(self, max_rows: int, decoder: ModelCall | None = None) -> Engine:
+        return Engine(self.encoder, decoder or self.decoder, self.dims, max_rows, cross_kv=self.cross_kv)
+
+    def generator(self) -> T5Generator:
+        return T5Generator(self.encoder, self.decoder, self.dims, cross_kv=self.cross_kv)
+
+
+# Newcomers start with a first step of their own (the gpu target), or join the shared step with their
+# cross K/V from the cross K/V graph (the cpu target).
+@pytest.fixture(scope="module", params=["first step", "cross K/V graph"])
+def models(request, tiny, tiny_graphs) -> Models:
     dims = spec.ModelDims.from_hf(tiny.model.config, tiny.model.generation_config)
     encoder = TorchSession(create_session(tiny_graphs["encoder"]))
     decoder = TorchSession(create_session(tiny_graphs["decoder"]))
-    return encoder, decoder, dims
+    cross_kv = TorchSession(create_session(tiny_graphs["cross_kv"])) if request.param == "cross K/V graph" else None
+    return Models(encoder, decoder, dims, cross_kv)
 
 
 def _jobs(tiny) -> list[Job]:
@@ -45,7 +64,7 @@ def _jobs(tiny) -> list[Job]:
 
 
 def _alone(models, job: Job) -> list[list[int]]:
-    return [trim_sequence(row) for row in T5Generator(*models)(job.token_rows, job.params).sequences.tolist()]
+    return [trim_sequence(row) for row in models.generator()(job.token_rows, job.params).sequences.tolist()]
 
 
 def _run(engine: Engine, arrivals: dict[int, list[Job]]) -> tuple[dict, dict, list[int]]:
@@ -67,7 +86,7 @@ def _run(engine: Engine, arrivals: dict[int, list[Job]]) -> tuple[dict, dict, li
 
 def test_staggered_mixed_jobs_each_equal_their_output_alone(tiny, models):
     jobs = _jobs(tiny)
-    engine = Engine(*models[:3], max_rows=64)
+    engine = models.engine(max_rows=64)
     # Two at once, then one more every few steps: they join running batches at different steps.
     arrivals = {0: jobs[:2], 3: jobs[2:4], 4: [jobs[4]], 9: jobs[5:7], 10: [jobs[7]]}
     outputs, _, rows_per_step = _run(engine, arrivals)
@@ -81,7 +100,7 @@ def test_staggered_mixed_jobs_each_equal_their_output_alone(tiny, models):
 
 def test_streamed_prefixes_only_grow_and_end_at_the_output(tiny, models):
     jobs = _jobs(tiny)
-    engine = Engine(*models[:3], max_rows=64)
+    engine = models.engine(max_rows=64)
     outputs, decided, _ = _run(engine, {0: jobs})
     for job in jobs:
         if job.params.num_return_sequences > 1:
@@ -98,7 +117,7 @@ def test_capacity_makes_jobs_wait_and_cancel_frees_rows(tiny, models):
     beam = GenerationParams(max_new_tokens=40, num_beams=4, min_new_tokens=40)
     rows = [tiny.tokenizer(SAMPLE_TEXTS[0]).input_ids]
     first, second, third = Job(rows, beam), Job(rows, beam), Job(rows, GenerationParams(max_new_tokens=3))
-    engine = Engine(*models[:3], max_rows=4)
+    engine = models.engine(max_rows=4)
     for job in (first, second, third):
         engine.submit(job)
     engine.step()
@@ -111,16 +130,15 @@ def test_capacity_makes_jobs_wait_and_cancel_frees_rows(tiny, models):
 
 
 def test_a_failing_decoder_fails_the_jobs_in_that_call_and_the_engine_goes_on(tiny, models):
-    encoder, decoder, dims = models
     calls = {"n": 0}
 
     def flaky(inputs, outputs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("decoder down")
-        return decoder(inputs, outputs)
+        return models.decoder(inputs, outputs)
 
-    engine = Engine(encoder, flaky, dims, max_rows=64)
+    engine = models.engine(max_rows=64, decoder=flaky)
     job = Job([tiny.tokenizer(SAMPLE_TEXTS[1]).input_ids], GenerationParams(max_new_tokens=10, min_new_tokens=10))
     outputs, _, _ = _run(engine, {0: [job]})
     assert "decoder down" in str(outputs[id(job)].error)
@@ -154,7 +172,7 @@ class _Collect:
 
 
 def test_worker_answers_jobs_submitted_from_many_threads(tiny, models):
-    worker = Worker(Engine(*models[:3], max_rows=64)).start()
+    worker = Worker(models.engine(max_rows=64)).start()
     jobs = _jobs(tiny)
     listeners = [_Collect() for _ in jobs]
     threads = [threading.Thread(target=worker.submit, args=pair) for pair in zip(jobs, listeners, strict=True)]
@@ -173,14 +191,14 @@ def _short_job(tiny) -> Job:
 
 
 def test_worker_refuses_beyond_its_waiting_room(tiny, models):
-    worker = Worker(Engine(*models[:3], max_rows=1), max_waiting=1)  # not started: submitted jobs wait
+    worker = Worker(models.engine(max_rows=1), max_waiting=1)  # not started: submitted jobs wait
     worker.submit(_short_job(tiny), _Collect())
     with pytest.raises(QueueFull, match="max_queue_size 1"):
         worker.submit(_short_job(tiny), _Collect())
 
 
 def test_a_failing_step_fails_the_open_jobs_and_the_worker_goes_on(tiny, models):
-    engine = Engine(*models[:3], max_rows=64)
+    engine = models.engine(max_rows=64)
     advance, broken = engine.advance, [True]
 
     def advance_broken_once():

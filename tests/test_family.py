@@ -48,6 +48,8 @@ def test_encoder_and_decoder_run_where_the_build_put_them(served):
     in_process = checkpoint.source != "random-mt5-tiny"
     assert ('"t5_encoder/1/model.onnx"' in config) == in_process
     assert ('"t5_decoder/1/model.onnx"' in config) == in_process
+    # fp32 on the cpu target: new requests take their first token in the shared step, whatever runs where
+    assert '"t5_decoder/1/cross_kv.onnx"' in config and (repo / "t5_decoder/1/cross_kv.onnx").is_file()
 
 
 def test_architecture_is_what_the_preset_mirrors(served):

@@ -50,6 +50,9 @@ def test_int8_report_has_its_quality_numbers(int8_repo):
     assert section["bytes"]["int8"]["decoder"] < section["bytes"]["fp32"]["decoder"]
     assert all(c["passed"] for c in section["checks"])
     assert report["files"]["t5_decoder/1/model.onnx"] == section["bytes"]["int8"]["decoder"]
+    # The cross K/V graph is fp32 only: int8 requests start with the int8 decoder's own first step.
+    assert "t5_decoder/1/cross_kv.onnx" not in report["files"]
+    assert '"cross_kv_onnx" value: { string_value: "" }' in (int8_repo / "t5_generate/config.pbtxt").read_text()
 
 
 def test_a_threshold_above_the_measured_agreement_fails_the_build(int8_repo, tmp_path):

@@ -130,17 +130,19 @@ class BatchCache:
         )
 
     def add(self, self_kv: torch.Tensor, cross_kv: torch.Tensor, cross_mask: torch.Tensor) -> None:
-        """Append rows after their first step (self K/V of length 1) below the rows already here."""
-        new_mask = torch.ones((self_kv.shape[spec.KV_ROW_AXIS], 1), dtype=torch.int64, device=self_kv.device)
+        """Append rows below the rows already here: after their first step (self K/V of length 1), or
+        joining with no past yet (length 0), when their first token comes from the next `step`."""
+        rows, length = self_kv.shape[spec.KV_ROW_AXIS], self_kv.shape[spec.KV_SEQ_AXIS]
+        new_mask = torch.ones((rows, length), dtype=torch.int64, device=self_kv.device)
         cross_mask = cross_mask.to(torch.int64)
         if self.self_kv is None:
             self.self_kv, self.self_mask, self.cross_kv, self.cross_mask = self_kv, new_mask, cross_kv, cross_mask
             return
         self._append_new()
         past = self.self_kv.shape[spec.KV_SEQ_AXIS]
-        # New rows are left-padded to the past (their one position last), encoder outputs right-padded.
-        self.self_kv = _rows_together(self._self_buffers, [(self.self_kv, 0), (self_kv, past - 1)], past)
-        self.self_mask = torch.cat([self.self_mask, _pad_axis(new_mask, 1, past - 1, 0)], 0)
+        # New rows are left-padded to the past (their positions last), encoder outputs right-padded.
+        self.self_kv = _rows_together(self._self_buffers, [(self.self_kv, 0), (self_kv, past - length)], past)
+        self.self_mask = torch.cat([self.self_mask, _pad_axis(new_mask, 1, past - length, 0)], 0)
         old_src, new_src = self.cross_mask.shape[1], cross_mask.shape[1]
         src = max(old_src, new_src)
         self.cross_kv = _rows_together(self._cross_buffers, [(self.cross_kv, 0), (cross_kv, 0)], src)

@@ -1,9 +1,11 @@
 """In-flight batching: every running request decoded together, one decoder call per step.
 
-A request ("job") joins at the next step after it arrives: its inputs are encoded and its first
-decoder step is run (one call for all newcomers), then its rows join the shared `BatchCache`. Every
-later step is one cached decoder call over the rows of all jobs, whatever their step, parameters or
-search (greedy next to beam 4). Each job runs its own `search` coroutine on its slice of the logits,
+A request ("job") joins at the next step after it arrives: its inputs are encoded (one call for all
+newcomers) and its rows join the shared `BatchCache`. With a cross K/V graph they join with an empty
+past and take their first token in the shared step; without one (the gpu target) a first decoder step
+of their own (one call for all newcomers) decides it and computes their cross K/V. Every cached step is
+one decoder call over the rows of all jobs, whatever their step, parameters or search (greedy next to
+beam 4). Each job runs its own `search` coroutine on its slice of the logits,
 so its output is what it would be alone; a job that ends or is cancelled leaves at once.
 
 Plain torch and no threads: the caller feeds jobs in and calls `step()` in a loop.
@@ -66,6 +68,7 @@ class _Running:
     device: torch.device
     coroutine: object = None
     pending: Step | None = None
+    steps: int = 0  # decoder steps whose logits the search has had
     self_rows: torch.Tensor | None = None
     cross_rows: torch.Tensor | None = None
 
@@ -110,8 +113,12 @@ class Engine:
         dims: spec.ModelDims,
         max_rows: int,
         device: torch.device | str = "cpu",
+        cross_kv: ModelCall | None = None,
     ):
         self.encoder = encoder
+        # Encoder states -> every layer's cross K/V. When given, newcomers skip a first step of their own
+        # (which reads every decoder weight) and take their first token in the next shared step.
+        self.cross_kv = cross_kv
         self.dims = dims
         self.max_rows = max_rows
         self.device = torch.device(device)
@@ -219,9 +226,12 @@ class Engine:
             states = self.encoder(
                 {spec.ENCODER_INPUT_IDS: ids, spec.ENCODER_ATTENTION_MASK: mask}, (spec.ENCODER_HIDDEN_STATES,)
             )[spec.ENCODER_HIDDEN_STATES]
-            tokens = torch.cat([r.pending.tokens for r in started])
-            self.last_calls.append(tokens.shape[0])
-            first = self.cache.first_step(tokens, states, mask)
+            if self.cross_kv is not None:
+                cross = self.cross_kv({spec.ENCODER_HIDDEN_STATES: states}, (spec.NEW_CROSS_KV,))[spec.NEW_CROSS_KV]
+            else:
+                tokens = torch.cat([r.pending.tokens for r in started])
+                self.last_calls.append(tokens.shape[0])
+                first = self.cache.first_step(tokens, states, mask)
         except Exception as err:
             if len(jobs) == 1:
                 events.append(Event(jobs[0], error=err))
@@ -229,6 +239,11 @@ class Engine:
             # One job may be the cause: each alone again, so only the culprit gets the error.
             for job in jobs:
                 self._start([job], events)
+            return
+        if self.cross_kv is not None:
+            # Each search still waits for its first logits: its rows join with an empty past.
+            self.cache.add(cross.new_empty(self.dims.kv_shape(cross.shape[spec.KV_ROW_AXIS], 0)), cross, mask)
+            self.running.extend(started)
             return
         logits = first[spec.LOGITS]
         kept_self, kept_cross = [], []
@@ -272,6 +287,7 @@ class Engine:
     def _advance(self, running: _Running, logits: torch.Tensor, events: list[Event]) -> bool:
         """Send a job its logits; False when it is over (its output or error is in `events`)."""
         running.reset_rows()
+        running.steps += 1
         try:
             running.pending = running.coroutine.send(logits.float())
         except StopIteration as finished:

@@ -17,16 +17,22 @@ from .search import GenerationOutput
 
 class T5Generator:
     def __init__(
-        self, encoder: ModelCall, decoder: ModelCall, dims: spec.ModelDims, device: torch.device | str = "cpu"
+        self,
+        encoder: ModelCall,
+        decoder: ModelCall,
+        dims: spec.ModelDims,
+        device: torch.device | str = "cpu",
+        cross_kv: ModelCall | None = None,
     ):
         self.encoder = encoder
         self.decoder = decoder
+        self.cross_kv = cross_kv
         self.dims = dims
         self.device = torch.device(device)
 
     def __call__(self, token_rows: list[list[int]], params: GenerationParams) -> GenerationOutput:
         job = Job(token_rows, params)
-        engine = Engine(self.encoder, self.decoder, self.dims, job.peak_rows, self.device)
+        engine = Engine(self.encoder, self.decoder, self.dims, job.peak_rows, self.device, self.cross_kv)
         engine.submit(job)
         while True:
             for event in engine.step():

@@ -154,7 +154,7 @@ class Worker:
         now = time.perf_counter()
         for running in self.engine.running:
             entry = self._entries.get(running.job)
-            if entry is not None and not entry.started:
+            if running.steps and entry is not None and not entry.started:
                 entry.started = True
                 self.stats.first_token(now - entry.submitted)
 
