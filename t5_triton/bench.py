@@ -275,9 +275,12 @@ def _print_split(report: dict, console: Console) -> None:
 class LoadConfig:
     repository: str
     levels: tuple[int, ...] = (1, 4, 16)
-    duration_s: float = 20.0
+    duration_s: float = 20.0  # per level, over all rounds
     input_tokens: int = 32
     new_tokens: int = 64
+    # The levels take turns this many times (and the first streamed piece is timed in each round), so a
+    # drift of the machine's speed lands on every level alike instead of on the ratios between them.
+    rounds: int = 4
 
 
 _STREAM_TEXT = "summarize: The quick brown fox jumps over the lazy dog while the farmer watches from the porch."
@@ -298,8 +301,8 @@ def _client_loop(url: str, inputs: list[int], new_tokens: int, stop_at: float) -
     return latencies
 
 
-def _first_piece_s(url: str, new_tokens: int, runs: int = 5) -> float:
-    """Median time from sending a streamed greedy request to its first piece (one client, after a warm-up)."""
+def _first_pieces_s(url: str, new_tokens: int, runs: int) -> list[float]:
+    """Times from sending a streamed greedy request to its first piece (one client, after a warm-up)."""
     import tritonclient.grpc as grpcclient
 
     from t5_triton.client.stream import stream_generate
@@ -314,41 +317,56 @@ def _first_piece_s(url: str, new_tokens: int, runs: int = 5) -> float:
             next(pieces)
             times.append(time.perf_counter() - start)
             list(pieces)  # to the end: the next run starts on an idle server
-    return statistics.median(times[1:])
+    return times[1:]
+
+
+def _clients_for(url: str, inputs: list[list[int]], new_tokens: int, seconds: float) -> tuple[list[float], float]:
+    """`len(inputs)` clients sending back to back for `seconds`: every latency, and the wall time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        futures = [pool.submit(_client_loop, url, row, new_tokens, start + seconds) for row in inputs]
+        latencies = [t for future in futures for t in future.result()]
+    return latencies, time.perf_counter() - start
 
 
 def run_concurrency(config: LoadConfig, console: Console, output_json: Path | None = None) -> dict:
     """Throughput and latency of the served path (gRPC, greedy) at each number of concurrent clients."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from t5_triton.model_repository.t5_runtime.spec import ServingSpec
     from t5_triton.server import Ports, TritonServer
 
     serving = ServingSpec.load(Path(config.repository) / "t5_generate" / "1")
     vocab = min(serving.dims.vocab_size, 32000)
-    levels = {}
+    latencies: dict[int, list[float]] = {clients: [] for clients in config.levels}
+    wall = dict.fromkeys(config.levels, 0.0)
+    first_pieces: list[float] = []
     log_file = Path(tempfile.gettempdir()) / "t5-triton-bench-server.log"
     with TritonServer(Path(config.repository), Ports.free(), log_file=log_file) as server:
         streaming = (Path(config.repository) / "t5_generate_stream").is_dir()
-        first_piece = _first_piece_s(server.grpc_url, config.new_tokens) if streaming else None
-        for clients in config.levels:
-            console.print(f"{clients} concurrent clients for {config.duration_s:.0f} s")
-            inputs = make_inputs(clients, config.input_tokens, vocab)
-            start = time.perf_counter()
-            stop_at = start + config.duration_s
-            with ThreadPoolExecutor(clients) as pool:
-                futures = [
-                    pool.submit(_client_loop, server.grpc_url, row, config.new_tokens, stop_at) for row in inputs
-                ]
-                runs = [future.result() for future in futures]
-            wall = time.perf_counter() - start
-            latencies = sorted(t for run in runs for t in run)
-            levels[clients] = {
-                "requests": len(latencies),
-                "tokens_per_s": len(latencies) * config.new_tokens / wall,
-                "p50_s": statistics.median(latencies),
-                "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-            }
+        seconds = config.duration_s / config.rounds
+        for round_number in range(1, config.rounds + 1):
+            console.print(
+                f"round {round_number}/{config.rounds}: {', '.join(map(str, config.levels))} concurrent clients, "
+                f"{seconds:.0f} s each"
+            )
+            if streaming:
+                first_pieces += _first_pieces_s(server.grpc_url, config.new_tokens, runs=3)
+            for clients in config.levels:
+                inputs = make_inputs(clients, config.input_tokens, vocab)
+                measured, elapsed = _clients_for(server.grpc_url, inputs, config.new_tokens, seconds)
+                latencies[clients] += measured
+                wall[clients] += elapsed
+    levels = {}
+    for clients, measured in latencies.items():
+        measured.sort()
+        levels[clients] = {
+            "requests": len(measured),
+            "tokens_per_s": len(measured) * config.new_tokens / wall[clients],
+            "p50_s": statistics.median(measured),
+            "p95_s": measured[min(len(measured) - 1, int(0.95 * len(measured)))],
+        }
+    first_piece = statistics.median(first_pieces) if first_pieces else None
     report = {"config": asdict(config), "first_streamed_piece_s": first_piece, "levels": levels}
     _print_concurrency(report, console)
     if output_json:
@@ -361,7 +379,7 @@ def _print_concurrency(report: dict, console: Console) -> None:
     base = levels[min(levels)]
     table = Table(
         title=f"served over gRPC, greedy, {config['input_tokens']} input tokens, {config['new_tokens']} forced new "
-        "tokens per request, each client sending back to back"
+        f"tokens per request, each client sending back to back; levels in turn, {config['rounds']} rounds"
     )
     for column in ("clients", "requests", "tokens/s", "vs 1 client", "p50 latency", "p95 latency", "p95 vs 1 client"):
         table.add_column(column, justify="right")

@@ -420,7 +420,14 @@ def _add_bench(subparsers) -> None:
         help="instead of the engine table: throughput and latency of the served path at these numbers of "
         "concurrent clients (e.g. 1 4 16), and the time to the first streamed token",
     )
-    p.add_argument("--duration", type=float, default=20.0, help="seconds per --concurrency level")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per --concurrency level, over all rounds")
+    p.add_argument(
+        "--rounds",
+        type=_positive,
+        default=4,
+        help="the --concurrency levels take turns this many times, so that a drift of the machine's speed "
+        "lands on every level alike",
+    )
     p.set_defaults(run=_run_bench)
 
 
@@ -439,7 +446,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         repository = work / "repo"
         build(BuildOptions(model=checkpoint, output=repository, force=True), _console)
     if args.concurrency:
-        load = LoadConfig(str(repository), tuple(args.concurrency), args.duration, args.input_tokens, args.new_tokens)
+        load = LoadConfig(
+            str(repository), tuple(args.concurrency), args.duration, args.input_tokens, args.new_tokens, args.rounds
+        )
         run_concurrency(load, _console, args.json)
         return 0
     int8 = repository.parent / f"{repository.name}-int8" if args.int8 else None

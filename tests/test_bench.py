@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from t5_triton import cli
-from t5_triton.bench import ServerMemory, _run_worker, int8_agreement, split_summary
+from t5_triton.bench import LoadConfig, ServerMemory, _run_worker, int8_agreement, run_concurrency, split_summary
 from t5_triton.bench_worker import BenchConfig, token_timeline
 from t5_triton.memory import memory_total, tree_memory
 
@@ -151,6 +151,21 @@ def test_split_and_timeline_workers_on_a_real_repository(tiny_repo, tmp_path):
     assert len(result["times"]["beam4 b1"]) == 1
     assert [len(run) for run in result["timeline"]] == [6]
     assert "transformers" in result["versions"]
+
+
+@pytest.mark.server
+def test_concurrency_levels_take_turns_on_a_real_server(tiny_repo, tmp_path):
+    from rich.console import Console
+
+    config = LoadConfig(str(tiny_repo), levels=(1, 3), duration_s=3.0, input_tokens=8, new_tokens=4, rounds=2)
+    console = Console(record=True, width=200)
+    report = run_concurrency(config, console, tmp_path / "load.json")
+    assert json.loads((tmp_path / "load.json").read_text()) == json.loads(json.dumps(report))
+    assert console.export_text().count("round ") == 2
+    for level in report["levels"].values():
+        assert level["requests"] > 0 and level["tokens_per_s"] > 0
+        assert 0 < level["p50_s"] <= level["p95_s"]
+    assert 0 < report["first_streamed_piece_s"] < report["levels"][1]["p95_s"] * 10
 
 
 def test_bench_refuses_an_optimum_python_that_cannot_import_optimum(capsys):
