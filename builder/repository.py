@@ -62,13 +62,22 @@ def _move_graph(onnx_file: Path, version_dir: Path, name: str = "model.onnx") ->
         shutil.move(part, version_dir / (name if part == onnx_file else part.name))
 
 
-def _write_onnx_model(repo: Path, name: str, onnx_file: Path, tensors, options: ServingOptions, instances: int):
+def _write_onnx_model(
+    repo: Path, name: str, onnx_file: Path, tensors, options: ServingOptions, instances: int, in_process: bool
+):
+    """`in_process`: the generate models run this graph themselves, so this model loads it on demand."""
     version_dir = repo / name / VERSION
     _install_model_code(version_dir, "onnx_model.py")
     _move_graph(onnx_file, version_dir)
     inputs, outputs = tensors
     text = configs.render_config(
-        "onnx_python", inputs, outputs, name=name, instances=instances, threads=options.threads
+        "onnx_python",
+        inputs,
+        outputs,
+        name=name,
+        instances=instances,
+        threads=options.threads,
+        load_session="first_request" if in_process else "startup",
     )
     (repo / name / "config.pbtxt").write_text(text)
 
@@ -141,6 +150,7 @@ def write_repository(
             configs.encoder_tensors(dims, dtype),
             options,
             options.encoder_instances,
+            options.encoder_in_process,
         )
         _write_onnx_model(
             repo,
@@ -149,6 +159,7 @@ def write_repository(
             configs.decoder_tensors(dims, dtype),
             options,
             options.decoder_instances,
+            options.decoder_in_process,
         )
         if cross_kv_onnx is not None:
             _move_graph(cross_kv_onnx, repo / DECODER_MODEL / VERSION, CROSS_KV_FILE)

@@ -25,9 +25,10 @@ from transformers import (
 from t5_triton.model_repository.t5_runtime import spec
 from t5_triton.model_repository.t5_runtime.batch_cache import BatchCache
 from t5_triton.model_repository.t5_runtime.generator import T5Generator
-from t5_triton.model_repository.t5_runtime.onnx_runner import TorchSession, create_session, run_numpy
+from t5_triton.model_repository.t5_runtime.onnx_runner import create_session, run_numpy
 from t5_triton.model_repository.t5_runtime.params import GenerationParams
 from t5_triton.model_repository.t5_runtime.search import trim_sequence
+from t5_triton.model_repository.t5_runtime.torch_session import TorchSession
 
 from .export import CachedStepReference, EncoderGraph, FirstStepDecoderGraph, sample_inputs
 

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 
 from t5_runtime.batch_cache import ModelCall
 from t5_runtime.engine import Cancelled, Engine, Job
-from t5_runtime.onnx_runner import TorchSession, create_session
+from t5_runtime.onnx_runner import create_session
 from t5_runtime.request import (
     INPUT_NAMES,
     OUTPUT_IDS,
@@ -37,6 +37,7 @@ from t5_runtime.request import (
 from t5_runtime.search import GenerationOutput, trim_sequence
 from t5_runtime.spec import ServingSpec
 from t5_runtime.streaming import TextStream
+from t5_runtime.torch_session import TorchSession
 from t5_runtime.worker import QueueFull, Worker
 
 TOKENIZER_FILE = "tokenizer/tokenizer.json"

@@ -251,9 +251,10 @@ def worker_split(config: BenchConfig, repository: str) -> dict:
     generate_dir = Path(repository) / "t5_generate" / "1"
     sys.path.insert(0, str(generate_dir))
     from t5_runtime.generator import T5Generator
-    from t5_runtime.onnx_runner import TorchSession, create_session
+    from t5_runtime.onnx_runner import create_session
     from t5_runtime.params import GenerationParams
     from t5_runtime.spec import ServingSpec
+    from t5_runtime.torch_session import TorchSession
 
     torch.set_num_threads(1)
     serving = ServingSpec.load(generate_dir)

@@ -25,9 +25,10 @@ from t5_triton.builder.verify import SAMPLE_TEXTS
 from t5_triton.client.api import T5Client
 from t5_triton.model_repository.t5_runtime import spec
 from t5_triton.model_repository.t5_runtime.generator import T5Generator
-from t5_triton.model_repository.t5_runtime.onnx_runner import TorchSession, create_session
+from t5_triton.model_repository.t5_runtime.onnx_runner import create_session
 from t5_triton.model_repository.t5_runtime.params import GenerationParams
 from t5_triton.model_repository.t5_runtime.search import trim_sequence
+from t5_triton.model_repository.t5_runtime.torch_session import TorchSession
 from t5_triton.server import Ports, TritonServer
 
 

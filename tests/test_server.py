@@ -252,6 +252,20 @@ def test_lone_bad_and_malformed_requests_get_their_error(server, name):
     assert fragment in answer.message()
 
 
+def test_the_encoder_model_answers_a_direct_call(server, tiny, tiny_repo):
+    """t5_generate runs the encoder graph itself, so t5_encoder loads its own at its first request."""
+    assert '"first_request"' in (tiny_repo / "t5_encoder/config.pbtxt").read_text()
+    batch = tiny.tokenizer(list(SAMPLE_TEXTS[:2]), return_tensors="np", padding=True)
+    with grpcclient.InferenceServerClient(server.grpc_url) as grpc:
+        answer = grpc.infer(
+            "t5_encoder",
+            [_tensor(name, batch[name].astype(np.int64), "INT64") for name in ("input_ids", "attention_mask")],
+        )
+    with torch.inference_mode():
+        expected = tiny.model.get_encoder()(**tiny.tokenizer(list(SAMPLE_TEXTS[:2]), return_tensors="pt", padding=True))
+    np.testing.assert_allclose(answer.as_numpy("encoder_hidden_states"), expected.last_hidden_state, atol=1e-4)
+
+
 def test_client_raises_the_server_message(client):
     with pytest.raises(GenerateError, match="num_beams must be between 1 and 8, got 0"):
         client.generate("hello", num_beams=0)

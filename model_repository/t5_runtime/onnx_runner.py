@@ -1,7 +1,8 @@
 """ONNX Runtime sessions for the encoder and the merged decoder on CPU.
 
-Used in process by the builder's checks and inside the CPU target's `t5_encoder` / `t5_decoder`
-python-backend models, so both run the graphs with the same session settings.
+Used in process by the builder's checks and the generate models (through `torch_session`), and inside the
+CPU target's `t5_encoder` / `t5_decoder` python-backend models, so all run the graphs with the same session
+settings. No torch here: those two models would carry its ~190 MB for nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 
 def create_session(path: Path | str, threads: int = 0) -> ort.InferenceSession:
@@ -37,14 +37,3 @@ def run_numpy(
 ) -> dict[str, np.ndarray]:
     names = list(outputs) if outputs else [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
-
-
-class TorchSession:
-    """Calls a session with torch CPU tensors, as `BatchCache` expects of a decoder."""
-
-    def __init__(self, session: ort.InferenceSession):
-        self.session = session
-
-    def __call__(self, inputs: dict[str, torch.Tensor], outputs: Sequence[str]) -> dict[str, torch.Tensor]:
-        feeds = {name: tensor.numpy() for name, tensor in inputs.items()}
-        return {name: torch.from_numpy(value) for name, value in run_numpy(self.session, feeds, outputs).items()}
