@@ -5,7 +5,8 @@
     result.texts[0]
 
 One call sends one request: its texts travel together (at most the model's max_batch_size) and share
-the generation parameters, which take Hugging Face's names.
+the generation parameters, which take Hugging Face's names. A call that takes longer than the client's
+`timeout` (600 s by default) raises `GenerateError`; over gRPC the server then stops decoding it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from t5_triton.model_repository.t5_runtime.search import trim_sequence
 MODEL_NAME = "t5_generate"
 _OPTIONAL_INPUTS = {**PARAMETER_TYPES, **OPTION_TYPES}
 DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}
+# Long enough for a long beam search of a large model on CPU (tritonclient's HTTP default, 60 s, is not).
+DEFAULT_TIMEOUT_S = 600.0
 _NUMPY_TYPES = {"TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP32": np.float32, "TYPE_BOOL": np.bool_}
 _WIRE_TYPES = {"TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_FP32": "FP32", "TYPE_BOOL": "BOOL"}
 _PROTOCOLS = {"http": (httpclient, httpaio), "grpc": (grpcclient, grpcaio)}
@@ -118,6 +121,7 @@ class _Client:
         model: str = MODEL_NAME,
         eos_token_id: int = 1,
         pad_token_id: int = 0,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ):
         if protocol not in _PROTOCOLS:
             raise ValueError(f"protocol must be http or grpc, got {protocol!r}")
@@ -126,7 +130,19 @@ class _Client:
         self.eos_token_id = eos_token_id  # T5-family ids; pass others for a checkpoint that differs
         self.pad_token_id = pad_token_id
         self.url = url or DEFAULT_URLS[protocol]
-        self.client = _PROTOCOLS[protocol][int(self._asyncio)].InferenceServerClient(self.url)
+        self.timeout = timeout
+        client_class = _PROTOCOLS[protocol][int(self._asyncio)].InferenceServerClient
+        # gRPC takes a deadline per call (`_call_options`); HTTP a read timeout per client.
+        if protocol == "grpc":
+            self.client = client_class(self.url)
+            self._call_options = {"client_timeout": timeout}
+        else:
+            timeouts = {"conn_timeout": timeout} if self._asyncio else {"network_timeout": timeout}
+            self.client = client_class(self.url, **timeouts)
+            self._call_options = {}
+
+    def _timed_out(self) -> GenerateError:
+        return GenerateError(f"no answer from {self.model} in {self.timeout:g} s", "timeout")
 
 
 class T5Client(_Client):
@@ -138,10 +154,15 @@ class T5Client(_Client):
         texts = [texts] if isinstance(texts, str) else texts
         try:
             response = self.client.infer(
-                self.model, request_inputs(self.module, texts, input_ids, params), outputs=_outputs(self.module)
+                self.model,
+                request_inputs(self.module, texts, input_ids, params),
+                outputs=_outputs(self.module),
+                **self._call_options,
             )
         except InferenceServerException as err:
             raise _error(err) from err
+        except TimeoutError as err:  # HTTP's read timeout (gRPC reports its deadline as a server error)
+            raise self._timed_out() from err
         return _results(response, self.eos_token_id, self.pad_token_id)
 
     def is_ready(self) -> bool:
@@ -171,10 +192,15 @@ class AsyncT5Client(_Client):
         texts = [texts] if isinstance(texts, str) else texts
         try:
             response = await self.client.infer(
-                self.model, request_inputs(self.module, texts, input_ids, params), outputs=_outputs(self.module)
+                self.model,
+                request_inputs(self.module, texts, input_ids, params),
+                outputs=_outputs(self.module),
+                **self._call_options,
             )
         except InferenceServerException as err:
             raise _error(err) from err
+        except TimeoutError as err:  # HTTP's read timeout (gRPC reports its deadline as a server error)
+            raise self._timed_out() from err
         return _results(response, self.eos_token_id, self.pad_token_id)
 
     async def close(self) -> None:

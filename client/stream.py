@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from t5_triton.model_repository.t5_runtime.request import OUTPUT_IDS, SEQUENCE_SCORES, TEXT_INPUT, TEXT_OUTPUT
 
-from .api import GenerateError, _error, request_inputs
+from .api import DEFAULT_TIMEOUT_S, GenerateError, _error, request_inputs
 
 STREAM_MODEL = "t5_generate_stream"
 _FINAL_PARAMETER = "triton_final_response"
@@ -44,7 +44,7 @@ def stream_generate(
     *,
     protocol: str = "grpc",
     model: str = STREAM_MODEL,
-    timeout: float = 600.0,
+    timeout: float = DEFAULT_TIMEOUT_S,
     connection: grpcclient.InferenceServerClient | None = None,
     **params: Any,
 ) -> Iterator[StreamPiece]:

@@ -274,6 +274,12 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--batch-size", type=_positive, default=8, help="inputs sent per request")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated, one input at a time")
     p.add_argument("--json", action="store_true", help="print one JSON object per input, for scripts")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for an answer (with --stream, for each piece) before giving the request up",
+    )
     params = p.add_argument_group("generation parameters (as in transformers.generate)")
     python_types = {"TYPE_INT32": int, "TYPE_INT64": int, "TYPE_FP32": float}
     for name, triton_type in PARAMETER_TYPES.items():
@@ -302,7 +308,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     try:
         if args.stream:
             return _stream_texts(texts, args, params)
-        with T5Client(args.url, args.protocol, args.model or "t5_generate") as client:
+        with T5Client(args.url, args.protocol, args.model or "t5_generate", timeout=args.timeout) as client:
             for start in range(0, len(texts), args.batch_size):
                 chunk = texts[start : start + args.batch_size]
                 for text, result in zip(chunk, client.generate(chunk, **params), strict=True):
@@ -332,7 +338,8 @@ def _stream_texts(texts: list[str], args: argparse.Namespace, params: dict) -> i
     for text in texts:
         if not args.json:
             out.print(f"[bold]>[/] {escape(text)}\n  ", end="")
-        for piece in stream_generate(url, text, protocol=args.protocol, model=args.model or STREAM_MODEL, **params):
+        model = args.model or STREAM_MODEL
+        for piece in stream_generate(url, text, protocol=args.protocol, model=model, timeout=args.timeout, **params):
             if args.json:
                 print(json.dumps({"input": text, **piece.__dict__}), flush=True)
             else:

@@ -162,3 +162,31 @@ def test_a_cancelled_stream_stops_within_a_few_steps_and_the_server_keeps_servin
     assert _metric(_metrics(server), "t5_requests_in_flight", model) == 0
     final = list(stream_generate(server.grpc_url, SAMPLE_TEXTS[0], max_new_tokens=5))
     assert final[-1].final
+
+
+def _wait_for(server, condition, seconds: float = 60) -> dict[str, float]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        values = _metrics(server)
+        if condition(values):
+            return values
+        time.sleep(0.05)
+    pytest.fail("the server's metrics never showed it")
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_call_past_the_client_timeout_raises_and_the_server_keeps_serving(server, protocol):
+    before = _metrics(server)
+    long = {"num_beams": 4, "max_new_tokens": 512, "min_new_tokens": 512}
+    with T5Client(_url(server, protocol), protocol, timeout=0.5) as client:
+        started = time.monotonic()
+        with pytest.raises(GenerateError):
+            client.generate(SAMPLE_TEXTS[1], **long)
+        assert time.monotonic() - started < 10
+    if protocol == "grpc":  # the deadline cancels the request on the server
+        cancelled = _metric(before, "t5_requests_total", outcome="cancelled")
+        _wait_for(server, lambda now: _metric(now, "t5_requests_total", outcome="cancelled") > cancelled)
+    # (HTTP cannot cancel: the server finishes the abandoned request, then is idle again.)
+    _wait_for(server, lambda now: _metric(now, "t5_requests_in_flight") == 0)
+    with T5Client(_url(server, protocol), protocol) as client:
+        assert client.generate(SAMPLE_TEXTS[0], max_new_tokens=4)[0].output_ids
