@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -281,6 +281,9 @@ class LoadConfig:
     # The levels take turns this many times (and the first streamed piece is timed in each round), so a
     # drift of the machine's speed lands on every level alike instead of on the ratios between them.
     rounds: int = 4
+    # Another repository (older code, other build flags), served at the same time and measured in turn with
+    # `repository` in every round, so that the two are compared on the same machine phases.
+    baseline: str | None = None
 
 
 _STREAM_TEXT = "summarize: The quick brown fox jumps over the lazy dog while the farmer watches from the porch."
@@ -331,55 +334,98 @@ def _clients_for(url: str, inputs: list[list[int]], new_tokens: int, seconds: fl
     return latencies, time.perf_counter() - start
 
 
+@dataclass
+class _LoadSamples:
+    """What one repository's server measured over the rounds."""
+
+    latencies: dict[int, list[float]]
+    wall: dict[int, float]
+    first_pieces: list[float] = field(default_factory=list)
+
+    def report(self, new_tokens: int) -> dict:
+        levels = {}
+        for clients, measured in self.latencies.items():
+            measured = sorted(measured)
+            levels[clients] = {
+                "requests": len(measured),
+                "tokens_per_s": len(measured) * new_tokens / self.wall[clients],
+                "p50_s": statistics.median(measured),
+                "p95_s": measured[min(len(measured) - 1, int(0.95 * len(measured)))],
+            }
+        first_piece = statistics.median(self.first_pieces) if self.first_pieces else None
+        return {"first_streamed_piece_s": first_piece, "levels": levels}
+
+
 def run_concurrency(config: LoadConfig, console: Console, output_json: Path | None = None) -> dict:
-    """Throughput and latency of the served path (gRPC, greedy) at each number of concurrent clients."""
-    from t5_triton.model_repository.t5_runtime.spec import ServingSpec
+    """Throughput and latency of the served path (gRPC, greedy) at each number of concurrent clients, for the
+    repository and, when given, a baseline served beside it and measured in turn."""
     from t5_triton.server import Ports, TritonServer
 
-    serving = ServingSpec.load(Path(config.repository) / "t5_generate" / "1")
-    vocab = min(serving.dims.vocab_size, 32000)
-    latencies: dict[int, list[float]] = {clients: [] for clients in config.levels}
-    wall = dict.fromkeys(config.levels, 0.0)
-    first_pieces: list[float] = []
-    log_file = Path(tempfile.gettempdir()) / "t5-triton-bench-server.log"
-    with TritonServer(Path(config.repository), Ports.free(), log_file=log_file) as server:
-        streaming = (Path(config.repository) / "t5_generate_stream").is_dir()
-        seconds = config.duration_s / config.rounds
+    repositories = [config.repository] + ([config.baseline] if config.baseline else [])
+    samples = {
+        repository: _LoadSamples({clients: [] for clients in config.levels}, dict.fromkeys(config.levels, 0.0))
+        for repository in repositories
+    }
+    seconds = config.duration_s / config.rounds
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for index, repository in enumerate(repositories):
+            log_file = Path(tempfile.gettempdir()) / f"t5-triton-bench-server-{index}.log"
+            servers[repository] = stack.enter_context(TritonServer(Path(repository), Ports.free(), log_file=log_file))
         for round_number in range(1, config.rounds + 1):
             console.print(
                 f"round {round_number}/{config.rounds}: {', '.join(map(str, config.levels))} concurrent clients, "
                 f"{seconds:.0f} s each"
             )
-            if streaming:
-                first_pieces += _first_pieces_s(server.grpc_url, config.new_tokens, runs=3)
-            for clients in config.levels:
-                inputs = make_inputs(clients, config.input_tokens, vocab)
-                measured, elapsed = _clients_for(server.grpc_url, inputs, config.new_tokens, seconds)
-                latencies[clients] += measured
-                wall[clients] += elapsed
-    levels = {}
-    for clients, measured in latencies.items():
-        measured.sort()
-        levels[clients] = {
-            "requests": len(measured),
-            "tokens_per_s": len(measured) * config.new_tokens / wall[clients],
-            "p50_s": statistics.median(measured),
-            "p95_s": measured[min(len(measured) - 1, int(0.95 * len(measured)))],
-        }
-    first_piece = statistics.median(first_pieces) if first_pieces else None
-    report = {"config": asdict(config), "first_streamed_piece_s": first_piece, "levels": levels}
+            # Each repository goes first in every other round.
+            for repository in repositories[:: 1 if round_number % 2 else -1]:
+                _measure_round(servers[repository], Path(repository), config, seconds, samples[repository])
+    report = {"config": asdict(config), **samples[config.repository].report(config.new_tokens)}
+    if config.baseline:
+        report["baseline"] = samples[config.baseline].report(config.new_tokens)
     _print_concurrency(report, console)
     if output_json:
         output_json.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
+def _measure_round(server, repository: Path, config: LoadConfig, seconds: float, samples: _LoadSamples) -> None:
+    from t5_triton.model_repository.t5_runtime.spec import ServingSpec
+
+    vocab = min(ServingSpec.load(repository / "t5_generate" / "1").dims.vocab_size, 32000)
+    if (repository / "t5_generate_stream").is_dir():
+        samples.first_pieces += _first_pieces_s(server.grpc_url, config.new_tokens, runs=3)
+    for clients in config.levels:
+        inputs = make_inputs(clients, config.input_tokens, vocab)
+        measured, elapsed = _clients_for(server.grpc_url, inputs, config.new_tokens, seconds)
+        samples.latencies[clients] += measured
+        samples.wall[clients] += elapsed
+
+
 def _print_concurrency(report: dict, console: Console) -> None:
-    config, levels = report["config"], report["levels"]
+    config = report["config"]
+    runs = {config["repository"]: report}
+    if "baseline" in report:
+        runs[config["baseline"]] = report["baseline"]
+    for repository, run in runs.items():
+        _print_load_run(repository, run, config, console)
+    if "baseline" in report:
+        now, before = report["levels"], report["baseline"]["levels"]
+        for clients in now:
+            console.print(
+                f"{clients} clients, {config['repository']} vs {config['baseline']}: tokens/s "
+                f"{now[clients]['tokens_per_s'] / before[clients]['tokens_per_s']:.2f}x, p95 latency "
+                f"{now[clients]['p95_s'] / before[clients]['p95_s']:.2f}x"
+            )
+
+
+def _print_load_run(repository: str, run: dict, config: dict, console: Console) -> None:
+    levels = run["levels"]
     base = levels[min(levels)]
     table = Table(
-        title=f"served over gRPC, greedy, {config['input_tokens']} input tokens, {config['new_tokens']} forced new "
-        f"tokens per request, each client sending back to back; levels in turn, {config['rounds']} rounds"
+        title=f"{repository}: served over gRPC, greedy, {config['input_tokens']} input tokens, "
+        f"{config['new_tokens']} forced new tokens per request, each client sending back to back; levels in "
+        f"turn, {config['rounds']} rounds"
     )
     for column in ("clients", "requests", "tokens/s", "vs 1 client", "p50 latency", "p95 latency", "p95 vs 1 client"):
         table.add_column(column, justify="right")
@@ -394,9 +440,9 @@ def _print_concurrency(report: dict, console: Console) -> None:
             f"{level['p95_s'] / base['p95_s']:.2f}x",
         )
     console.print(table)
-    if report["first_streamed_piece_s"] is not None:
+    if run["first_streamed_piece_s"] is not None:
         step = base["p50_s"] / config["new_tokens"]
-        first = report["first_streamed_piece_s"]
+        first = run["first_streamed_piece_s"]
         console.print(
             f"first streamed piece (greedy, 1 client, kept connection): {first * 1000:.1f} ms = "
             f"{first / step:.2f} decoding steps of {step * 1000:.1f} ms (one client's p50 latency / new tokens)"

@@ -429,6 +429,13 @@ def _add_bench(subparsers) -> None:
     )
     p.add_argument("--duration", type=float, default=20.0, help="seconds per --concurrency level, over all rounds")
     p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="REPOSITORY",
+        help="with --concurrency: also serve this repository (older code, other flags) and measure it in turn "
+        "with the main one in every round, on the same machine phases; prints the ratios",
+    )
+    p.add_argument(
         "--rounds",
         type=_positive,
         default=4,
@@ -453,8 +460,15 @@ def _run_bench(args: argparse.Namespace) -> int:
         repository = work / "repo"
         build(BuildOptions(model=checkpoint, output=repository, force=True), _console)
     if args.concurrency:
+        baseline = str(args.baseline) if args.baseline else None
         load = LoadConfig(
-            str(repository), tuple(args.concurrency), args.duration, args.input_tokens, args.new_tokens, args.rounds
+            str(repository),
+            tuple(args.concurrency),
+            args.duration,
+            args.input_tokens,
+            args.new_tokens,
+            args.rounds,
+            baseline,
         )
         run_concurrency(load, _console, args.json)
         return 0

@@ -154,18 +154,23 @@ def test_split_and_timeline_workers_on_a_real_repository(tiny_repo, tmp_path):
 
 
 @pytest.mark.server
-def test_concurrency_levels_take_turns_on_a_real_server(tiny_repo, tmp_path):
+def test_concurrency_levels_and_a_baseline_take_turns_on_real_servers(tiny_repo, tmp_path):
     from rich.console import Console
 
-    config = LoadConfig(str(tiny_repo), levels=(1, 3), duration_s=3.0, input_tokens=8, new_tokens=4, rounds=2)
-    console = Console(record=True, width=200)
+    # The same repository as its own baseline: two servers, measured in turn.
+    config = LoadConfig(
+        str(tiny_repo), levels=(1, 3), duration_s=3.0, input_tokens=8, new_tokens=4, rounds=2, baseline=str(tiny_repo)
+    )
+    console = Console(record=True, width=250)
     report = run_concurrency(config, console, tmp_path / "load.json")
     assert json.loads((tmp_path / "load.json").read_text()) == json.loads(json.dumps(report))
-    assert console.export_text().count("round ") == 2
-    for level in report["levels"].values():
-        assert level["requests"] > 0 and level["tokens_per_s"] > 0
-        assert 0 < level["p50_s"] <= level["p95_s"]
-    assert 0 < report["first_streamed_piece_s"] < report["levels"][1]["p95_s"] * 10
+    printed = console.export_text()
+    assert printed.count("round ") == 2 and printed.count("3 clients, ") == 1
+    for run in (report, report["baseline"]):
+        for level in run["levels"].values():
+            assert level["requests"] > 0 and level["tokens_per_s"] > 0
+            assert 0 < level["p50_s"] <= level["p95_s"]
+        assert 0 < run["first_streamed_piece_s"] < run["levels"][1]["p95_s"] * 10
 
 
 def test_bench_refuses_an_optimum_python_that_cannot_import_optimum(capsys):
