@@ -50,14 +50,18 @@ def _device(args: dict) -> torch.device:
     return torch.device("cpu")
 
 
+def _graph(params: dict[str, str], key: str, repository: Path, device: torch.device) -> ModelCall | None:
+    """The ONNX graph at `params[key]` (a path from the repository root) run in this process, on CPU."""
+    if params.get(key) and device.type == "cpu":
+        return TorchSession(create_session(repository / params[key], int(params["onnx_threads"])))
+    return None
+
+
 def _sub_model(params: dict[str, str], role: str, repository: Path, device: torch.device) -> ModelCall:
     """The encoder or decoder (`role`) as a BLS call, or (CPU, `{role}_onnx` set) its graph run in this
     process: a BLS call copies its inputs and outputs through shared memory (for the decoder, the whole KV
     cache twice per step, which on CPU costs more than the decoder math at beam-search sizes)."""
-    if params.get(f"{role}_onnx") and device.type == "cpu":
-        session = create_session(repository / params[f"{role}_onnx"], int(params["onnx_threads"]))
-        return TorchSession(session)
-    return BlsModel(params[f"{role}_model"], device)
+    return _graph(params, f"{role}_onnx", repository, device) or BlsModel(params[f"{role}_model"], device)
 
 
 def _error(message: str, code: int) -> pb_utils.InferenceResponse:
@@ -148,16 +152,13 @@ class TritonPythonModel:
         torch.set_num_threads(1)
         dims = self.serving.dims
         repository = Path(args["model_repository"]).parent
-        cross_kv = None
-        if params.get("cross_kv_onnx") and device.type == "cpu":
-            cross_kv = TorchSession(create_session(repository / params["cross_kv_onnx"], int(params["onnx_threads"])))
         engine = Engine(
             _sub_model(params, "encoder", repository, device),
             _sub_model(params, "decoder", repository, device),
             dims,
             max_rows=self.serving.max_batch_size * self.serving.max_num_beams,
             device=device,
-            cross_kv=cross_kv,
+            cross_kv=_graph(params, "cross_kv_onnx", repository, device),
         )
         queue_policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
         metrics = ServingMetrics(self.name, args["model_version"], dims.eos_token_id, dims.pad_token_id)

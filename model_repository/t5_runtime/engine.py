@@ -5,8 +5,8 @@ newcomers) and its rows join the shared `BatchCache`. With a cross K/V graph the
 past and take their first token in the shared step; without one (the gpu target) a first decoder step
 of their own (one call for all newcomers) decides it and computes their cross K/V. Every cached step is
 one decoder call over the rows of all jobs, whatever their step, parameters or search (greedy next to
-beam 4). Each job runs its own `search` coroutine on its slice of the logits,
-so its output is what it would be alone; a job that ends or is cancelled leaves at once.
+beam 4). Each job runs its own `search` coroutine on its slice of the logits, so its output is what it
+would be alone; a job that ends or is cancelled leaves at once.
 
 Plain torch and no threads: the caller feeds jobs in and calls `step()` in a loop.
 """
@@ -214,7 +214,8 @@ class Engine:
         return ids.to(self.device), mask.to(self.device)
 
     def _start(self, jobs: list[Job], events: list[Event]) -> None:
-        """Encode the newcomers and run their first step together; the ones still going join the cache."""
+        """Encode the newcomers together; their rows join the cache with their cross K/V and an empty past
+        (cross K/V graph), or after a first step of their own, run together (the ones still going)."""
         started = []
         for job in jobs:
             running = _Running(job, rows=len(job.token_rows), device=self.device)
