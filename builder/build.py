@@ -194,7 +194,7 @@ def _build_into(repo: Path, options: BuildOptions, progress: _Progress) -> dict:
     with progress.step("write the model repository"):
         serving_options = replace(options.serving, target=options.target)
         # The cross K/V graph is fp32: the int8 and fp16 decoders start new requests with their own first step.
-        cross_kv = graphs.cross_kv if options.precision == "fp32" and options.target == "cpu" else None
+        cross_kv = graphs.cross_kv if options.precision == "fp32" else None
         write_repository(repo, encoder, decoder, checkpoint.tokenizer, serving, serving_options, encoder_plan, cross_kv)
         shutil.rmtree(scratch)
     decoder_weights = _weights_bytes(model.get_decoder(), model.lm_head)

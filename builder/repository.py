@@ -135,9 +135,11 @@ def write_repository(
 
     gpu target: `encoder_plan` is the encoder (`encoder_onnx`, what it was built from, is not served).
     cpu target: `cross_kv_onnx`, when given, goes beside the decoder graph and the generate models run it
-    in process, so that new requests join the shared step without a first step of their own.
+    in process, so that new requests join the shared step without a first step of their own (the gpu target
+    does not serve it).
     """
     dims, dtype = serving.dims, serving.float_dtype
+    cross_kv = ""  # the generate models' `cross_kv_onnx`: none unless written below
     if options.target == "gpu":
         if encoder_plan is None:
             raise ValueError("the gpu target serves the encoder as a TensorRT engine: pass encoder_plan")
@@ -163,7 +165,7 @@ def write_repository(
         )
         if cross_kv_onnx is not None:
             _move_graph(cross_kv_onnx, repo / DECODER_MODEL / VERSION, CROSS_KV_FILE)
-    cross_kv = f"{DECODER_MODEL}/{VERSION}/{CROSS_KV_FILE}" if cross_kv_onnx and options.target == "cpu" else ""
+            cross_kv = f"{DECODER_MODEL}/{VERSION}/{CROSS_KV_FILE}"
     for name, decoupled in ((GENERATE_MODEL, False), (STREAM_MODEL, True)):
         _write_generate_model(repo, name, decoupled, tokenizer, serving, options, cross_kv)
 
