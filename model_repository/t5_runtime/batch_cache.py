@@ -36,8 +36,9 @@ class _PingPong:
     """Two flat buffers handed out in turn, each reused for a tensor of any shape that fits.
 
     The self K/V are rewritten into a new tensor every step (one position longer), reading the previous
-    one; a fresh allocation of that size costs page faults worth ~2x the copy itself. The tensor handed out
-    last time stays valid until the call after next, by which time the cache has replaced it.
+    one, and both self and cross K/V whenever rows join or leave; a fresh allocation of that size costs page
+    faults worth ~2x the copy itself. The tensor handed out last time stays valid until the call after next,
+    by which time the cache has replaced it.
     """
 
     def __init__(self) -> None:
