@@ -137,15 +137,20 @@ def _run_worker(engine: str, config: BenchConfig, extra: dict, python: str | Non
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _input_vocab(repository: Path) -> int:
+    """Input ids are drawn below this: the repository's vocabulary, capped at 32000."""
+    from t5_triton.model_repository.t5_runtime.spec import ServingSpec
+
+    return min(ServingSpec.load(repository / "t5_generate" / "1").dims.vocab_size, 32000)
+
+
 def run_bench(
     config: BenchConfig, passes: int, console: Console, output_json: Path | None = None, plot: Path | None = None
 ) -> dict:
-    from t5_triton.model_repository.t5_runtime.spec import ServingSpec
     from t5_triton.server import Ports, TritonServer
 
     repository = Path(config.repository)
-    serving = ServingSpec.load(repository / "t5_generate" / "1")
-    vocab = min(serving.dims.vocab_size, 32000)
+    vocab = _input_vocab(repository)
     engines = _engines(config)
     text, timeline_ids = _timeline_input(config.repository, config.input_tokens, vocab)
     streaming = (repository / "t5_generate_stream").is_dir()
@@ -366,6 +371,13 @@ def run_concurrency(config: LoadConfig, console: Console, output_json: Path | No
         repository: _LoadSamples({clients: [] for clients in config.levels}, dict.fromkeys(config.levels, 0.0))
         for repository in repositories
     }
+    inputs = {
+        repository: {
+            clients: make_inputs(clients, config.input_tokens, _input_vocab(Path(repository)))
+            for clients in config.levels
+        }
+        for repository in repositories
+    }
     seconds = config.duration_s / config.rounds
     with contextlib.ExitStack() as stack:
         servers = {}
@@ -379,7 +391,7 @@ def run_concurrency(config: LoadConfig, console: Console, output_json: Path | No
             )
             # Each repository goes first in every other round.
             for repository in repositories[:: 1 if round_number % 2 else -1]:
-                _measure_round(servers[repository], Path(repository), config, seconds, samples[repository])
+                _measure_round(servers[repository], inputs[repository], config, seconds, samples[repository])
     report = {"config": asdict(config), **samples[config.repository].report(config.new_tokens)}
     if config.baseline:
         report["baseline"] = samples[config.baseline].report(config.new_tokens)
@@ -389,15 +401,14 @@ def run_concurrency(config: LoadConfig, console: Console, output_json: Path | No
     return report
 
 
-def _measure_round(server, repository: Path, config: LoadConfig, seconds: float, samples: _LoadSamples) -> None:
-    from t5_triton.model_repository.t5_runtime.spec import ServingSpec
-
-    vocab = min(ServingSpec.load(repository / "t5_generate" / "1").dims.vocab_size, 32000)
-    if (repository / "t5_generate_stream").is_dir():
+def _measure_round(
+    server, inputs: dict[int, list[list[int]]], config: LoadConfig, seconds: float, samples: _LoadSamples
+) -> None:
+    """One round on one server: the first streamed piece (when it streams), then each level in turn."""
+    if (server.model_repository / "t5_generate_stream").is_dir():
         samples.first_pieces += _first_pieces_s(server.grpc_url, config.new_tokens, runs=3)
     for clients in config.levels:
-        inputs = make_inputs(clients, config.input_tokens, vocab)
-        measured, elapsed = _clients_for(server.grpc_url, inputs, config.new_tokens, seconds)
+        measured, elapsed = _clients_for(server.grpc_url, inputs[clients], config.new_tokens, seconds)
         samples.latencies[clients] += measured
         samples.wall[clients] += elapsed
 
